@@ -1,0 +1,150 @@
+//! Detect clients that leave before their response is done, record a 499, and cancel the work.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use axum::{routing::get, Router};
+//! use tower::ServiceBuilder;
+//! use tower_timeouts::{ClientDisconnectLayer, ResponseTimeoutLayer};
+//!
+//! let app: Router = Router::new().route("/", get(|| async { "hello" })).layer(
+//!     ServiceBuilder::new()
+//!         // Outermost: only here is a dropped future really a client that left.
+//!         .layer(ClientDisconnectLayer::new())
+//!         .layer(ResponseTimeoutLayer::new(Duration::from_secs(10))),
+//! );
+//! # let _ = app;
+//! ```
+//!
+//! # What counts as a client that left
+//!
+//! The only sign a tower service gets is that the server **drops** what it was given:
+//!
+//! - the response future, before it produced a response: a disconnect **before the head**,
+//!   recorded with status 499 (never sent);
+//! - the response body, before its end: a disconnect **during the body**, recorded with the
+//!   status already sent and the body bytes handed to the server.
+//!
+//! A body counts as complete, and its drop as no disconnect, when it returned its end, or
+//! `is_end_stream()` was true, or the bytes sent reached its exact size (`size_hint` or
+//! `content-length`), or the response has no body by definition (a HEAD request, 1xx, 204,
+//! 304). Hyper finishes `Full`, `Empty`, sized streams, HEAD, 204 and 304 responses without
+//! polling them to their end; none of those is a disconnect.
+//!
+//! Never a disconnect either: a response one of the crate's layers generated (its outcome is
+//! the timeout), an inner service that returned an error or panicked (recorded as
+//! [`Outcome::Failed`](crate::Outcome::Failed) and [`Outcome::Panicked`](crate::Outcome::Panicked),
+//! and the panic goes on).
+//!
+//! # When hyper lets a disconnect be seen
+//!
+//! Measured with hyper 1.x (see the crate's `tests/client_disconnect.rs`):
+//!
+//! - **HTTP/2** (h2 and h2c): always. A stream reset (`RST_STREAM`) or a closed connection
+//!   drops the stream's future or body within a millisecond, whatever the request body's state.
+//! - **HTTP/1.1**, default settings (`axum::serve`, hyper-util's `auto::Builder`): only once
+//!   hyper has read the whole request. A GET, or a small body that arrived with the head, is
+//!   seen within a millisecond of the client's FIN or RST. A larger, partial or chunked request
+//!   body that the handler has not read, `Expect: 100-continue`, or a pipelined request behind it
+//!   keeps hyper from looking, and the handler runs to its end (a handler reading the body gets
+//!   an error instead).
+//! - **HTTP/1.1 with `half_close(true)`**: never while a request is in flight; a body only at
+//!   its next failed write.
+//! - During the body (both versions): the body is dropped when a write fails or the
+//!   connection closes, within a millisecond of the client leaving on loopback.
+//!
+//! # Cancelling spawned work
+//!
+//! Before it calls the inner service the layer puts a [`ClientGone`](crate::ClientGone) into
+//! the request's extensions and fires it when the client leaves. See [`signal`](crate::signal).
+//!
+//! # Where to put it
+//!
+//! Outermost, around every other layer that may drop what it wraps (timeouts, load shedding):
+//! a drop is only a client leaving if nothing between the server and this layer caused it. The
+//! crate's own timeouts record their outcome before they drop the inner future, so whatever the
+//! order they are never taken for a disconnect.
+
+mod body;
+mod future;
+mod layer;
+
+pub use self::body::DisconnectBody;
+pub use self::future::ResponseFuture;
+pub use self::layer::ClientDisconnectLayer;
+
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower_service::Service;
+
+use crate::record::Recorder;
+use crate::signal::ClientGone;
+
+/// Records clients that leave before their response is done, and fires their
+/// [`ClientGone`] signal.
+///
+/// Made by [`ClientDisconnectLayer`]; see the [module docs](crate::client_disconnect).
+#[derive(Clone, Debug)]
+pub struct ClientDisconnect<S> {
+    inner: S,
+    recorder: Recorder,
+}
+
+impl<S> ClientDisconnect<S> {
+    /// Wraps `inner` with the default settings.
+    pub fn new(inner: S) -> Self {
+        ClientDisconnect {
+            inner,
+            recorder: Recorder::default(),
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ClientDisconnect<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: http_body::Body,
+{
+    type Response = Response<DisconnectBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        let (exchange, owner) = self.recorder.join(&mut request);
+        let gone = match request.extensions().get::<ClientGone>() {
+            Some(gone) => gone.clone(),
+            None => {
+                let gone = ClientGone::new();
+                request.extensions_mut().insert(gone.clone());
+                gone
+            }
+        };
+        let is_head = request.method() == http::Method::HEAD;
+        let inner = exchange.span().in_scope(|| self.inner.call(request));
+        ResponseFuture::new(inner, exchange, owner, gone, is_head)
+    }
+}
+
+#[cfg(test)]
+mod tests;

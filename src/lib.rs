@@ -1,0 +1,56 @@
+//! Tower middleware that gives HTTP services exact timeout and cancellation semantics.
+//!
+//! A request can fail to end normally in a few ways, and each gets its own, well-known outcome:
+//!
+//! | what happened | outcome |
+//! |---|---|
+//! | connected, but the response did not arrive in time | **504** Gateway Timeout, `Proxy-Status: tower-timeouts; error=http_response_timeout` |
+//! | the client closed its connection before the response was done | **499** Client Closed Request, *recorded* (span, event, hook), never sent; the work is cancelled |
+//!
+//! - [`ResponseTimeoutLayer`] answers a slow inner service with a generated response, never an
+//!   error, so it fits `axum::Router::layer` as it is.
+//! - [`ClientDisconnectLayer`] notices the client leaving (before the head or during the body),
+//!   records a 499 and fires a [`ClientGone`] signal for the work the handler spawned.
+//! - Every request through them ends with exactly one [`Outcome`], recorded once into one
+//!   [span](trace), as an event when it is not a normal completion, and through an
+//!   [`on_outcome`](ClientDisconnectLayer::on_outcome) hook.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use axum::{routing::get, Router};
+//! use tower::ServiceBuilder;
+//! use tower_timeouts::{ClientDisconnectLayer, ResponseTimeoutLayer};
+//!
+//! let app: Router = Router::new().route("/", get(|| async { "hello" })).layer(
+//!     ServiceBuilder::new()
+//!         .layer(ClientDisconnectLayer::new())
+//!         .layer(ResponseTimeoutLayer::new(Duration::from_secs(10))),
+//! );
+//! # let _ = app;
+//! ```
+//!
+//! # Feature flags
+//!
+//! - `axum`: [`ClientGone`] becomes an axum extractor.
+
+#![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod client_disconnect;
+pub mod deadline;
+pub mod outcome;
+pub mod record;
+pub mod response;
+pub mod response_timeout;
+pub mod signal;
+pub mod trace;
+
+pub use self::client_disconnect::{ClientDisconnect, ClientDisconnectLayer};
+pub use self::deadline::Deadline;
+pub use self::outcome::{Outcome, Phase, ProxyError};
+pub use self::record::{OnOutcome, Report};
+pub use self::response::{Generated, ResponseBody};
+pub use self::response_timeout::{ResponseTimeout, ResponseTimeoutLayer};
+pub use self::signal::ClientGone;

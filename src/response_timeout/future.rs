@@ -1,0 +1,126 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use http::Response;
+use pin_project_lite::pin_project;
+use tokio::task::{unconstrained, Unconstrained};
+use tokio::time::{sleep_until, Sleep};
+
+use super::Config;
+use crate::deadline::Limit;
+use crate::outcome::{Outcome, Phase};
+use crate::record::{Exchange, PanicGuard};
+use crate::response::ResponseBody;
+
+pin_project! {
+    /// The response future of [`ResponseTimeout`](super::ResponseTimeout).
+    pub struct ResponseFuture<F> {
+        #[pin]
+        state: State<F>,
+        #[pin]
+        sleep: Option<Unconstrained<Sleep>>,
+        limit: Limit,
+        exchange: Arc<Exchange>,
+        owner: bool,
+        config: Arc<Config>,
+    }
+
+    impl<F> PinnedDrop for ResponseFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if *this.owner {
+                this.exchange.finish(Outcome::dropped());
+            }
+        }
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Running { #[pin] inner: F },
+        Done,
+    }
+}
+
+impl<F> std::fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("limit", &self.limit)
+            .field("timer", &self.sleep.is_some())
+            .field("exchange", &self.exchange)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    pub(super) fn new(
+        inner: F,
+        limit: Limit,
+        exchange: Arc<Exchange>,
+        owner: bool,
+        config: Arc<Config>,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Running { inner },
+            sleep: None,
+            limit,
+            exchange,
+            owner,
+            config,
+        }
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let _entered = this.owner.then(|| this.exchange.span().enter());
+
+        let StateProj::Running { inner } = this.state.as_mut().project() else {
+            panic!("ResponseFuture polled after completion");
+        };
+        // The inner future first: a response that is ready wins a tie with the timer, and a
+        // response ready at its first poll never touches the clock.
+        let guard = PanicGuard::new(this.exchange.as_ref(), Outcome::panicked(Phase::BeforeHead, None));
+        let polled = inner.poll(cx);
+        guard.disarm();
+        if let Poll::Ready(result) = polled {
+            this.state.set(State::Done);
+            if *this.owner {
+                this.exchange.finish(match &result {
+                    Ok(response) => Outcome::completed(response.status()),
+                    Err(_) => Outcome::failed(Phase::BeforeHead, None),
+                });
+            }
+            return Poll::Ready(result.map(|response| response.map(ResponseBody::new)));
+        }
+
+        if this.sleep.is_none() {
+            let Some(deadline) = this.limit.deadline() else {
+                *this.limit = Limit::Never;
+                return Poll::Pending;
+            };
+            // Outside the coop budget, so that a busy inner future cannot starve the timer.
+            this.sleep.set(Some(unconstrained(sleep_until(deadline))));
+        }
+        if let Some(sleep) = this.sleep.as_pin_mut() {
+            ready!(sleep.poll(cx));
+        }
+
+        let timeout = this.limit.timeout().unwrap_or_default();
+        let outcome = Outcome::response_timeout(timeout, this.config.status);
+        // Recorded before the inner future is dropped, so that a layer inside does not take
+        // the drop for a client that left.
+        this.exchange.finish(outcome.clone());
+        this.state.set(State::Done);
+        Poll::Ready(Ok(this.config.responses.generate(outcome)))
+    }
+}

@@ -1,0 +1,132 @@
+//! Answer with a 504 Gateway Timeout response when the inner service takes too long.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use axum::{routing::get, Router};
+//! use tower_timeouts::ResponseTimeoutLayer;
+//!
+//! let app: Router = Router::new()
+//!     .route("/", get(|| async { "hello" }))
+//!     // No HandleErrorLayer: a timeout is a response, and the error type stays Infallible.
+//!     .layer(ResponseTimeoutLayer::new(Duration::from_secs(10)));
+//! # let _ = app;
+//! ```
+//!
+//! # Behaviour
+//!
+//! - The time runs from the **first poll** of the response future. Servers poll it at once, so
+//!   this is the time from `call` for all practical purposes, and it lets a response that is
+//!   ready at its first poll skip the clock and the timer entirely.
+//! - When the time is up, the inner future is dropped (after the outcome is recorded, so no
+//!   layer inside mistakes the drop for a client leaving) and the layer answers with a
+//!   generated response: 504, `Proxy-Status: tower-timeouts; error=http_response_timeout`, a
+//!   short `text/plain` body, and a [`Generated`](crate::Generated) marker in its extensions.
+//!   The status, the proxy name and the whole response are configurable.
+//! - The service's error type is the inner one: an inner error passes through untouched.
+//! - A response that is ready wins a tie with the timer: the inner future is always polled
+//!   first.
+//! - The timer is polled outside tokio's cooperative budget, so an inner future that keeps the
+//!   task busy cannot starve it (tokio#4314).
+//! - `Duration::ZERO` times out every request whose response is not ready at its first poll.
+//!   A limit beyond the clock's range (`Duration::MAX`) never fires and never registers a
+//!   timer. Neither panics.
+//! - A [`Deadline`](crate::Deadline) in the request's extensions replaces the configured
+//!   limit for that request.
+//!
+//! # Differences from `tower::timeout` and `tower_http::timeout`
+//!
+//! `tower::timeout::Timeout` fails with a boxed `Elapsed` error, which hyper answers by closing
+//! the connection and axum only accepts behind `HandleErrorLayer`. tower-http's `TimeoutLayer`
+//! answers with an empty-bodied response but needs `ResBody: Default`, polls its sleep first
+//! (so it always registers a timer and wins ties) and marks nothing. This layer answers with a
+//! marked, explained response, keeps the inner body type in an enum
+//! ([`ResponseBody`](crate::ResponseBody)) and records the outcome.
+
+mod future;
+mod layer;
+
+pub use self::future::ResponseFuture;
+pub use self::layer::ResponseTimeoutLayer;
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use tower_service::Service;
+
+use crate::deadline::{Deadline, Limit};
+use crate::record::Recorder;
+use crate::response::{ResponseBody, ResponseConfig};
+use crate::trace;
+
+/// Configuration shared by a layer's services and their futures.
+#[derive(Clone, Debug)]
+pub(crate) struct Config {
+    pub(crate) timeout: Duration,
+    pub(crate) status: StatusCode,
+    pub(crate) responses: ResponseConfig,
+    pub(crate) recorder: Recorder,
+}
+
+/// Answers with a generated response when the inner service does not respond in time.
+///
+/// Made by [`ResponseTimeoutLayer`]; see the [module docs](crate::response_timeout).
+#[derive(Clone, Debug)]
+pub struct ResponseTimeout<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S> ResponseTimeout<S> {
+    /// Wraps `inner` with a limit of `timeout` and the default settings.
+    pub fn new(inner: S, timeout: Duration) -> Self {
+        ResponseTimeoutLayer::new(timeout).layer_service(inner)
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ResponseTimeout<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        let (exchange, owner) = self.config.recorder.join(&mut request);
+        let limit = match request.extensions().get::<Deadline>() {
+            Some(deadline) => deadline.limit(),
+            None => Limit::After(self.config.timeout),
+        };
+        if let Some(timeout) = limit.timeout() {
+            trace::record_timeout(exchange.span(), timeout);
+        }
+        let inner = exchange.span().in_scope(|| self.inner.call(request));
+        ResponseFuture::new(inner, limit, exchange, owner, self.config.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests;

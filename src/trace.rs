@@ -1,0 +1,173 @@
+//! The request span and its fields: OpenTelemetry HTTP fields plus the crate's own.
+//!
+//! The outermost of the crate's layers on a request opens one span for it, named `request`,
+//! as a child of the span current at `call` (for instance tower-http's `TraceLayer` span).
+//! Inner layers of the crate record into that same span. When the request ends, the span
+//! gets the outcome fields, and every outcome other than a normal completion emits one event
+//! (WARN by default) whose parent is that span.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::ServiceBuilder;
+//! use tower_http::trace::TraceLayer;
+//! use tower_timeouts::{trace, ClientDisconnectLayer, ResponseTimeoutLayer};
+//!
+//! // One span per request: tower-http's TraceLayer opens it with our fields declared,
+//! // and our layers record into it instead of opening a child span.
+//! let stack = ServiceBuilder::new()
+//!     .layer(TraceLayer::new_for_http().make_span_with(|request: &http::Request<axum::body::Body>| {
+//!         trace::make_span(request)
+//!     }))
+//!     .layer(ClientDisconnectLayer::new().record_in_current_span())
+//!     .layer(ResponseTimeoutLayer::new(Duration::from_secs(10)));
+//! # let _ = stack;
+//! ```
+//!
+//! # Fields
+//!
+//! | field | when |
+//! |---|---|
+//! | `http.request.method`, `url.path`, `user_agent.original` | at the start |
+//! | `otel.kind` | `server`, at the start |
+//! | `tower_timeouts.timeout_ms` | when a [`ResponseTimeout`](crate::ResponseTimeout) applies a limit |
+//! | `tower_timeouts.outcome` | at the end: [`Outcome::kind`] |
+//! | `http.response.status_code` | at the end, only when a status was actually sent |
+//! | `tower_timeouts.recorded_status` | at the end: the status sent, or 499 for a client gone before the head |
+//! | `error.type` | at the end, for anything but a normal completion: [`Outcome::error_type`] |
+//! | `otel.status_code` | `ERROR` when [`Outcome::is_error`] |
+//! | `tower_timeouts.elapsed_ms` | at the end |
+//!
+//! Tracing only records fields that were declared when the span was opened. If you make the
+//! span yourself and use [`record_in_current_span`](crate::ClientDisconnectLayer::record_in_current_span),
+//! declare these fields (as [`make_span`] does) or they are silently dropped.
+
+use http::Request;
+use tracing::field::Empty;
+use tracing::{Level, Span};
+
+use crate::outcome::Outcome;
+
+/// `http.request.method`
+pub const HTTP_REQUEST_METHOD: &str = "http.request.method";
+/// `url.path`
+pub const URL_PATH: &str = "url.path";
+/// `user_agent.original`
+pub const USER_AGENT_ORIGINAL: &str = "user_agent.original";
+/// `http.response.status_code`
+pub const HTTP_RESPONSE_STATUS_CODE: &str = "http.response.status_code";
+/// `error.type`
+pub const ERROR_TYPE: &str = "error.type";
+/// `otel.kind`
+pub const OTEL_KIND: &str = "otel.kind";
+/// `otel.status_code`
+pub const OTEL_STATUS_CODE: &str = "otel.status_code";
+/// `tower_timeouts.outcome`
+pub const OUTCOME: &str = "tower_timeouts.outcome";
+/// `tower_timeouts.timeout_ms`
+pub const TIMEOUT_MS: &str = "tower_timeouts.timeout_ms";
+/// `tower_timeouts.recorded_status`
+pub const RECORDED_STATUS: &str = "tower_timeouts.recorded_status";
+/// `tower_timeouts.elapsed_ms`
+pub const ELAPSED_MS: &str = "tower_timeouts.elapsed_ms";
+
+/// The name of the span the crate opens for a request.
+pub const SPAN_NAME: &str = "request";
+
+/// Opens the crate's request span (at INFO, named [`SPAN_NAME`]), a child of the current span,
+/// with every field the crate records declared.
+///
+/// It is what the crate's layers use. It also fits tower-http's `TraceLayer::make_span_with`,
+/// so that one span carries tower-http's events and our fields:
+///
+/// ```
+/// use tower_http::trace::TraceLayer;
+///
+/// let trace = TraceLayer::new_for_http()
+///     .make_span_with(|request: &http::Request<axum::body::Body>| {
+///         tower_timeouts::trace::make_span(request)
+///     });
+/// # let _ = trace;
+/// ```
+pub fn make_span<B>(request: &Request<B>) -> Span {
+    let span = tracing::info_span!(
+        SPAN_NAME,
+        { HTTP_REQUEST_METHOD } = %request.method(),
+        { URL_PATH } = request.uri().path(),
+        { USER_AGENT_ORIGINAL } = Empty,
+        { OTEL_KIND } = "server",
+        { HTTP_RESPONSE_STATUS_CODE } = Empty,
+        { ERROR_TYPE } = Empty,
+        { OTEL_STATUS_CODE } = Empty,
+        { OUTCOME } = Empty,
+        { TIMEOUT_MS } = Empty,
+        { RECORDED_STATUS } = Empty,
+        { ELAPSED_MS } = Empty,
+    );
+    if !span.is_disabled() {
+        if let Some(agent) = request.headers().get(http::header::USER_AGENT) {
+            span.record(
+                USER_AGENT_ORIGINAL,
+                String::from_utf8_lossy(agent.as_bytes()).as_ref(),
+            );
+        }
+    }
+    span
+}
+
+/// Records the end of the request into `span`, and emits the event for anything but a normal
+/// completion.
+pub(crate) fn record_outcome(span: &Span, level: Level, outcome: &Outcome, elapsed_ms: u64) {
+    let error_type = outcome.error_type();
+    if !span.is_disabled() {
+        span.record(OUTCOME, outcome.kind());
+        span.record(ELAPSED_MS, elapsed_ms);
+        if let Some(status) = outcome.sent_status() {
+            span.record(HTTP_RESPONSE_STATUS_CODE, status.as_u16());
+        }
+        if let Some(status) = outcome.recorded_status() {
+            span.record(RECORDED_STATUS, status.as_u16());
+        }
+        if let Some(error_type) = error_type {
+            span.record(ERROR_TYPE, error_type);
+        }
+        if outcome.is_error() {
+            span.record(OTEL_STATUS_CODE, "ERROR");
+        }
+    }
+    let Some(error_type) = error_type else {
+        return;
+    };
+    let recorded_status = outcome.recorded_status().map(|status| status.as_u16());
+    macro_rules! emit {
+        ($level:expr) => {
+            tracing::event!(
+                parent: span,
+                $level,
+                { OUTCOME } = outcome.kind(),
+                { ERROR_TYPE } = error_type,
+                { RECORDED_STATUS } = recorded_status,
+                { ELAPSED_MS } = elapsed_ms,
+                details = ?outcome,
+                "request ended: {outcome}",
+            )
+        };
+    }
+    match level {
+        Level::TRACE => emit!(Level::TRACE),
+        Level::DEBUG => emit!(Level::DEBUG),
+        Level::INFO => emit!(Level::INFO),
+        Level::WARN => emit!(Level::WARN),
+        _ => emit!(Level::ERROR),
+    }
+}
+
+/// Records the time limit that applies to the request.
+pub(crate) fn record_timeout(span: &Span, timeout: std::time::Duration) {
+    span.record(TIMEOUT_MS, duration_ms(timeout));
+}
+
+pub(crate) fn duration_ms(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
