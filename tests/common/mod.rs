@@ -1,0 +1,309 @@
+//! Shared pieces of the integration tests: real servers on loopback, real clients, an outcome
+//! recorder for the hook and a span capture for tracing.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tower_timeouts::{Outcome, Report};
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::Layer;
+
+/// Generous bound for anything that should happen "at once" on loopback.
+pub const SOON: Duration = Duration::from_secs(10);
+
+/// The two servers users run axum apps on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Server {
+    /// `axum::serve`
+    AxumServe,
+    /// hyper-util's `server::conn::auto::Builder` (HTTP/1 and h2c)
+    HyperAuto,
+}
+
+pub const SERVERS: [Server; 2] = [Server::AxumServe, Server::HyperAuto];
+
+/// Serves `app` on 127.0.0.1 with `server`, in the background; returns its address.
+pub async fn serve(server: Server, app: Router) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    match server {
+        Server::AxumServe => {
+            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        }
+        Server::HyperAuto => {
+            tokio::spawn(async move {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    stream.set_nodelay(true).unwrap();
+                    let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                    tokio::spawn(async move {
+                        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+            });
+        }
+    }
+    addr
+}
+
+async fn connect(addr: SocketAddr) -> TokioIo<TcpStream> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    TokioIo::new(stream)
+}
+
+/// An HTTP/1.1 client on its own connection.
+pub async fn h1(addr: SocketAddr) -> http1::SendRequest<Empty<Bytes>> {
+    let (send, conn) = http1::handshake(connect(addr).await).await.unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// An HTTP/2 (h2c, prior knowledge) client on its own connection.
+pub async fn h2(addr: SocketAddr) -> http2::SendRequest<Empty<Bytes>> {
+    let (send, conn) = http2::handshake(TokioExecutor::new(), connect(addr).await)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+pub fn get(addr: SocketAddr, path: &str) -> http::Request<Empty<Bytes>> {
+    request(http::Method::GET, addr, path)
+}
+
+pub fn request(method: http::Method, addr: SocketAddr, path: &str) -> http::Request<Empty<Bytes>> {
+    http::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .body(Empty::new())
+        .unwrap()
+}
+
+/// Reads a whole body.
+pub async fn body_bytes<B>(body: B) -> Bytes
+where
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    body.collect().await.unwrap().to_bytes()
+}
+
+pub fn full(text: &'static str) -> Full<Bytes> {
+    Full::new(Bytes::from_static(text.as_bytes()))
+}
+
+/// Collects what the `on_outcome` hook is told.
+#[derive(Clone, Default)]
+pub struct Outcomes {
+    inner: Arc<(Mutex<Vec<(Outcome, Duration)>>, Notify)>,
+}
+
+impl Outcomes {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A hook for `on_outcome`.
+    pub fn hook(&self) -> impl Fn(&Report<'_>) + Send + Sync + Clone + 'static {
+        let inner = self.inner.clone();
+        move |report: &Report<'_>| {
+            inner
+                .0
+                .lock()
+                .unwrap()
+                .push((report.outcome().clone(), report.elapsed()));
+            inner.1.notify_waiters();
+        }
+    }
+
+    pub fn all(&self) -> Vec<Outcome> {
+        self.inner.0.lock().unwrap().iter().map(|(o, _)| o.clone()).collect()
+    }
+
+    pub fn with_elapsed(&self) -> Vec<(Outcome, Duration)> {
+        self.inner.0.lock().unwrap().clone()
+    }
+
+    /// Waits until at least `n` outcomes were recorded (panics after [`SOON`]).
+    pub async fn wait_for(&self, n: usize) -> Vec<Outcome> {
+        tokio::time::timeout(SOON, async {
+            loop {
+                let notified = self.inner.1.notified();
+                let mut notified = std::pin::pin!(notified);
+                notified.as_mut().enable();
+                if self.inner.0.lock().unwrap().len() >= n {
+                    return self.all();
+                }
+                notified.await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("expected {n} outcomes, got {:?}", self.all()))
+    }
+}
+
+/// Counts live values: handler futures that were not dropped yet, for instance.
+#[derive(Clone, Default)]
+pub struct Live(Arc<AtomicUsize>);
+
+pub struct LiveGuard(Arc<AtomicUsize>);
+
+impl Live {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn enter(&self) -> LiveGuard {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        LiveGuard(self.0.clone())
+    }
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+    /// Waits until nothing is live (panics after [`SOON`]).
+    pub async fn wait_zero(&self) {
+        tokio::time::timeout(SOON, async {
+            while self.count() != 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{} still live", self.count()));
+    }
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A span or event as the capture saw it: its name and fields.
+#[derive(Clone, Debug, Default)]
+pub struct Captured {
+    pub name: String,
+    pub fields: BTreeMap<String, String>,
+    /// For events: the fields of the parent span at the time of the event.
+    pub parent: Option<BTreeMap<String, String>>,
+}
+
+/// Captures closed `request` spans and the events emitted in them.
+#[derive(Clone, Default)]
+pub struct Capture {
+    spans: Arc<Mutex<Vec<Captured>>>,
+    events: Arc<Mutex<Vec<Captured>>>,
+}
+
+impl Capture {
+    /// Installs the capture as this thread's default subscriber (use a current-thread runtime).
+    pub fn install() -> (Capture, tracing::subscriber::DefaultGuard) {
+        let capture = Capture::default();
+        let subscriber = tracing_subscriber::registry().with(capture.clone());
+        let guard = tracing::subscriber::set_default(subscriber);
+        (capture, guard)
+    }
+
+    pub fn closed_spans(&self) -> Vec<Captured> {
+        self.spans.lock().unwrap().clone()
+    }
+
+    pub fn events(&self) -> Vec<Captured> {
+        self.events.lock().unwrap().clone()
+    }
+
+    /// Waits until `n` request spans closed (panics after [`SOON`]).
+    pub async fn wait_spans(&self, n: usize) -> Vec<Captured> {
+        tokio::time::timeout(SOON, async {
+            while self.spans.lock().unwrap().len() < n {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("expected {n} spans, got {:?}", self.closed_spans()));
+        self.closed_spans()
+    }
+}
+
+struct Fields<'a>(&'a mut BTreeMap<String, String>);
+
+impl Visit for Fields<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0.insert(field.name().to_owned(), format!("{value:?}"));
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().to_owned(), value.to_owned());
+    }
+}
+
+struct SpanFields(BTreeMap<String, String>);
+
+impl<S> Layer<S> for Capture
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let mut fields = BTreeMap::new();
+        attrs.record(&mut Fields(&mut fields));
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(SpanFields(fields));
+        }
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        if let Some(span) = ctx.span(id) {
+            if let Some(fields) = span.extensions_mut().get_mut::<SpanFields>() {
+                values.record(&mut Fields(&mut fields.0));
+            }
+        }
+    }
+
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        let mut fields = BTreeMap::new();
+        event.record(&mut Fields(&mut fields));
+        let parent = ctx
+            .event_span(event)
+            .and_then(|span| span.extensions().get::<SpanFields>().map(|f| f.0.clone()));
+        self.events.lock().unwrap().push(Captured {
+            name: event.metadata().name().to_owned(),
+            fields,
+            parent,
+        });
+    }
+
+    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+        if let Some(span) = ctx.span(&id) {
+            if span.name() != tower_timeouts::trace::SPAN_NAME {
+                return;
+            }
+            let fields = span
+                .extensions()
+                .get::<SpanFields>()
+                .map(|f| f.0.clone())
+                .unwrap_or_default();
+            self.spans.lock().unwrap().push(Captured {
+                name: span.name().to_owned(),
+                fields,
+                parent: None,
+            });
+        }
+    }
+}

@@ -1,0 +1,2 @@
+//! Checks that the shared test support compiles.
+mod common;
