@@ -47,6 +47,9 @@ pub mod response_timeout;
 pub mod signal;
 pub mod trace;
 
+#[cfg(test)]
+mod test_support;
+
 pub use self::client_disconnect::{ClientDisconnect, ClientDisconnectLayer};
 pub use self::deadline::Deadline;
 pub use self::outcome::{Outcome, Phase, ProxyError};

@@ -331,7 +331,8 @@ mod tests {
 
     #[test]
     fn statuses_and_error_types() {
-        let timeout = Outcome::response_timeout(Duration::from_secs(1), StatusCode::GATEWAY_TIMEOUT);
+        let timeout =
+            Outcome::response_timeout(Duration::from_secs(1), StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(timeout.sent_status(), Some(StatusCode::GATEWAY_TIMEOUT));
         assert_eq!(timeout.error_type(), Some("http_response_timeout"));
         assert!(timeout.is_error());
@@ -364,6 +365,9 @@ mod tests {
         assert_eq!(ProxyError::ConnectionTimeout.recommended_status(), 504);
         assert_eq!(ProxyError::ConnectionRefused.recommended_status(), 502);
         assert_eq!(ProxyError::DestinationUnavailable.recommended_status(), 503);
-        assert_eq!(ProxyError::ConnectionRefused.to_string(), "connection_refused");
+        assert_eq!(
+            ProxyError::ConnectionRefused.to_string(),
+            "connection_refused"
+        );
     }
 }

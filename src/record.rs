@@ -146,9 +146,7 @@ impl Recorder {
             recorder: self.clone(),
             finished: AtomicBool::new(false),
         });
-        request
-            .extensions_mut()
-            .insert(Scope(exchange.clone()));
+        request.extensions_mut().insert(Scope(exchange.clone()));
         (exchange, true)
     }
 }

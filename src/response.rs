@@ -178,9 +178,9 @@ fn proxy_name_value(name: &str) -> HeaderValue {
         .bytes()
         .next()
         .is_some_and(|b| b.is_ascii_alphabetic() || b == b'*')
-        && name.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:/".contains(&b)
-        });
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:/".contains(&b));
     let value = if is_token {
         name.to_owned()
     } else {
@@ -304,14 +304,19 @@ mod tests {
 
     #[tokio::test]
     async fn default_timeout_response() {
-        let outcome = Outcome::response_timeout(Duration::from_secs(1), StatusCode::GATEWAY_TIMEOUT);
-        let response = ResponseConfig::default().generate::<http_body_util::Empty<Bytes>>(outcome.clone());
+        let outcome =
+            Outcome::response_timeout(Duration::from_secs(1), StatusCode::GATEWAY_TIMEOUT);
+        let response =
+            ResponseConfig::default().generate::<http_body_util::Empty<Bytes>>(outcome.clone());
         assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(
             response.headers()[PROXY_STATUS],
             "tower-timeouts; error=http_response_timeout"
         );
-        assert_eq!(response.extensions().get::<Generated>().unwrap().outcome(), &outcome);
+        assert_eq!(
+            response.extensions().get::<Generated>().unwrap().outcome(),
+            &outcome
+        );
         assert_eq!(response.body().size_hint().exact(), Some(20));
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "504 Gateway Timeout\n");
@@ -323,8 +328,12 @@ mod tests {
         assert_eq!(proxy_name_value("my proxy"), "\"my proxy\"");
         assert_eq!(proxy_name_value("a\"b\n"), "\"a\\\"b\"");
         assert_eq!(proxy_name_value(""), "\"\"");
-        let outcome = Outcome::response_timeout(Duration::from_secs(1), StatusCode::GATEWAY_TIMEOUT);
+        let outcome =
+            Outcome::response_timeout(Duration::from_secs(1), StatusCode::GATEWAY_TIMEOUT);
         let off = ResponseConfig::default().proxy_name(None);
-        assert!(!off.generate::<String>(outcome).headers().contains_key(PROXY_STATUS));
+        assert!(!off
+            .generate::<String>(outcome)
+            .headers()
+            .contains_key(PROXY_STATUS));
     }
 }

@@ -128,13 +128,14 @@ where
                     tracker.bytes_sent += data.remaining() as u64;
                 }
                 tracker.complete = this.inner.is_end_stream()
-                    || tracker.expected.is_some_and(|size| tracker.bytes_sent >= size);
+                    || tracker
+                        .expected
+                        .is_some_and(|size| tracker.bytes_sent >= size);
             }
             Poll::Ready(Some(Err(_))) => {
-                tracker.exchange.finish(Outcome::failed(
-                    Phase::DuringBody,
-                    Some(tracker.status),
-                ));
+                tracker
+                    .exchange
+                    .finish(Outcome::failed(Phase::DuringBody, Some(tracker.status)));
                 tracker.complete = true;
             }
         }

@@ -92,7 +92,10 @@ where
             Ok(response) => {
                 let (parts, body) = response.into_parts();
                 let tracker = Tracker::new(exchange, gone, &parts, &body, *this.is_head);
-                Ok(Response::from_parts(parts, DisconnectBody::new(body, tracker)))
+                Ok(Response::from_parts(
+                    parts,
+                    DisconnectBody::new(body, tracker),
+                ))
             }
             Err(error) => {
                 exchange.finish(Outcome::failed(Phase::BeforeHead, None));

@@ -1,0 +1,293 @@
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+use tower_layer::Layer;
+
+use super::*;
+use crate::outcome::{Outcome, Phase};
+use crate::response_timeout::ResponseTimeoutLayer;
+use crate::test_support::Outcomes;
+
+type Frames = StreamBody<tokio_stream_like::Receiver>;
+
+/// A body fed by a channel, so the test decides when frames come.
+mod tokio_stream_like {
+    use bytes::Bytes;
+    use futures_util::Stream;
+    use http_body::Frame;
+    use std::convert::Infallible;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    pub(super) struct Receiver(pub(super) tokio::sync::mpsc::Receiver<Bytes>);
+
+    impl Stream for Receiver {
+        type Item = Result<Frame<Bytes>, Infallible>;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            self.0
+                .poll_recv(cx)
+                .map(|data| data.map(|data| Ok(Frame::data(data))))
+        }
+    }
+}
+
+fn streaming() -> (tokio::sync::mpsc::Sender<Bytes>, Frames) {
+    let (send, receive) = tokio::sync::mpsc::channel(4);
+    (send, StreamBody::new(tokio_stream_like::Receiver(receive)))
+}
+
+fn noop_cx() -> Context<'static> {
+    Context::from_waker(std::task::Waker::noop())
+}
+
+#[tokio::test(start_paused = true)]
+async fn future_dropped_before_the_head_is_a_499_and_fires_the_signal() {
+    let outcomes = Outcomes::default();
+    let (seen, mut signal) = tokio::sync::oneshot::channel();
+    let mut seen = Some(seen);
+    let mut service = ClientDisconnectLayer::new()
+        .on_outcome(outcomes.hook())
+        .layer(service_fn(move |request: Request<()>| {
+            let gone = request.extensions().get::<ClientGone>().cloned().unwrap();
+            let _ = seen.take().unwrap().send(gone);
+            std::future::pending::<Result<Response<Empty<Bytes>>, Infallible>>()
+        }));
+    let mut future = Box::pin(service.call(Request::new(())));
+    assert!(future.as_mut().poll(&mut noop_cx()).is_pending());
+    let gone = signal.try_recv().unwrap();
+    assert!(!gone.is_gone());
+    drop(future);
+    assert!(gone.is_gone());
+    gone.gone().await;
+    let outcome = outcomes.one();
+    assert_eq!(
+        outcome,
+        Outcome::client_disconnected(Phase::BeforeHead, None, 0)
+    );
+    assert_eq!(outcome.recorded_status().map(|s| s.as_u16()), Some(499));
+    let _ = &mut signal;
+}
+
+#[tokio::test(start_paused = true)]
+async fn body_dropped_before_its_end_is_a_disconnect_during_the_body() {
+    let outcomes = Outcomes::default();
+    let (send, body) = streaming();
+    let mut body = Some(body);
+    let service = ClientDisconnectLayer::new()
+        .on_outcome(outcomes.hook())
+        .layer(service_fn(move |_: Request<()>| {
+            let body = body.take().unwrap();
+            async move { Ok::<_, Infallible>(Response::new(body)) }
+        }));
+    let response = service.oneshot(Request::new(())).await.unwrap();
+    let mut body = response.into_body();
+    send.send(Bytes::from_static(b"hello")).await.unwrap();
+    let frame = body.frame().await.unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), "hello");
+    assert!(outcomes.all().is_empty());
+    drop(body);
+    assert_eq!(
+        outcomes.one(),
+        Outcome::client_disconnected(Phase::DuringBody, Some(StatusCode::OK), 5)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn bodies_hyper_finishes_without_polling_to_the_end_are_complete() {
+    async fn outcome_of<B>(method: Method, response: Response<B>, poll_frames: usize) -> Outcome
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+    {
+        let outcomes = Outcomes::default();
+        let mut response = Some(response);
+        let service = ClientDisconnectLayer::new()
+            .on_outcome(outcomes.hook())
+            .layer(service_fn(move |_: Request<()>| {
+                let response = response.take().unwrap();
+                async move { Ok::<_, Infallible>(response) }
+            }));
+        let mut request = Request::new(());
+        *request.method_mut() = method;
+        let mut body = Box::pin(service.oneshot(request).await.unwrap().into_body());
+        for _ in 0..poll_frames {
+            let _ = body.as_mut().poll_frame(&mut noop_cx());
+        }
+        drop(body);
+        outcomes.one()
+    }
+
+    let full = Response::new(Full::new(Bytes::from_static(b"abc")));
+    assert_eq!(
+        outcome_of(Method::GET, full, 1).await,
+        Outcome::completed(StatusCode::OK)
+    );
+
+    let empty = Response::new(Empty::<Bytes>::new());
+    assert_eq!(
+        outcome_of(Method::GET, empty, 0).await,
+        Outcome::completed(StatusCode::OK)
+    );
+
+    let head = Response::new(Full::new(Bytes::from_static(b"abc")));
+    assert_eq!(
+        outcome_of(Method::HEAD, head, 0).await,
+        Outcome::completed(StatusCode::OK)
+    );
+
+    for status in [StatusCode::NO_CONTENT, StatusCode::NOT_MODIFIED] {
+        let (_send, body) = streaming();
+        let mut response = Response::new(body);
+        *response.status_mut() = status;
+        assert_eq!(
+            outcome_of(Method::GET, response, 0).await,
+            Outcome::completed(status)
+        );
+    }
+
+    // A stream with a content-length: every byte sent, never polled to its end.
+    let (send, body) = streaming();
+    send.try_send(Bytes::from_static(b"12345")).unwrap();
+    let response = Response::builder()
+        .header(http::header::CONTENT_LENGTH, "5")
+        .body(body)
+        .unwrap();
+    assert_eq!(
+        outcome_of(Method::GET, response, 1).await,
+        Outcome::completed(StatusCode::OK)
+    );
+
+    // The same stream, one byte short: the client left.
+    let (send, body) = streaming();
+    send.try_send(Bytes::from_static(b"1234")).unwrap();
+    let response = Response::builder()
+        .header(http::header::CONTENT_LENGTH, "5")
+        .body(body)
+        .unwrap();
+    assert_eq!(
+        outcome_of(Method::GET, response, 1).await,
+        Outcome::client_disconnected(Phase::DuringBody, Some(StatusCode::OK), 4)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_generated_timeout_is_never_a_disconnect() {
+    let outcomes = Outcomes::default();
+    let (seen, signal) = tokio::sync::oneshot::channel();
+    let mut seen = Some(seen);
+    let service = ServiceBuilder::new()
+        .layer(ClientDisconnectLayer::new().on_outcome(outcomes.hook()))
+        .layer(ResponseTimeoutLayer::new(Duration::from_millis(100)))
+        .service(service_fn(move |request: Request<()>| {
+            let _ = seen
+                .take()
+                .unwrap()
+                .send(request.extensions().get::<ClientGone>().cloned());
+            std::future::pending::<Result<Response<Empty<Bytes>>, Infallible>>()
+        }));
+    let response = service.oneshot(Request::new(())).await.unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    // The server drops the body without reading it.
+    drop(response);
+    let gone = signal.await.unwrap().unwrap();
+    assert!(!gone.is_gone());
+    assert_eq!(
+        outcomes.one(),
+        Outcome::response_timeout(Duration::from_millis(100), StatusCode::GATEWAY_TIMEOUT)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn wrong_order_timeout_outside_is_still_not_a_disconnect() {
+    let outcomes = Outcomes::default();
+    let service = ServiceBuilder::new()
+        .layer(ResponseTimeoutLayer::new(Duration::from_millis(100)).on_outcome(outcomes.hook()))
+        .layer(ClientDisconnectLayer::new())
+        .service(service_fn(|_: Request<()>| {
+            std::future::pending::<Result<Response<Empty<Bytes>>, Infallible>>()
+        }));
+    let response = service.oneshot(Request::new(())).await.unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(
+        outcomes.one(),
+        Outcome::response_timeout(Duration::from_millis(100), StatusCode::GATEWAY_TIMEOUT)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_is_not_a_disconnect() {
+    let outcomes = Outcomes::default();
+    let service = ClientDisconnectLayer::new()
+        .on_outcome(outcomes.hook())
+        .layer(service_fn(|_: Request<()>| async {
+            tokio::task::yield_now().await;
+            panic!("handler bug");
+            #[allow(unreachable_code)]
+            Ok::<Response<Empty<Bytes>>, Infallible>(Response::new(Empty::new()))
+        }));
+    let joined = tokio::spawn(service.oneshot(Request::new(()))).await;
+    assert!(joined.unwrap_err().is_panic());
+    assert_eq!(outcomes.one(), Outcome::panicked(Phase::BeforeHead, None));
+}
+
+#[tokio::test(start_paused = true)]
+async fn errors_before_and_during_the_body_are_failures() {
+    let outcomes = Outcomes::default();
+    let service = ClientDisconnectLayer::new()
+        .on_outcome(outcomes.hook())
+        .layer(service_fn(|_: Request<()>| async {
+            Err::<Response<Empty<Bytes>>, _>("boom")
+        }));
+    assert!(service.oneshot(Request::new(())).await.is_err());
+    assert_eq!(outcomes.one(), Outcome::failed(Phase::BeforeHead, None));
+
+    let outcomes = Outcomes::default();
+    let service = ClientDisconnectLayer::new()
+        .on_outcome(outcomes.hook())
+        .layer(service_fn(|_: Request<()>| async {
+            let stream = futures_util::stream::iter([
+                Ok(http_body::Frame::data(Bytes::from_static(b"a"))),
+                Err("broken"),
+            ]);
+            Ok::<_, Infallible>(Response::new(StreamBody::new(stream)))
+        }));
+    let body = service.oneshot(Request::new(())).await.unwrap().into_body();
+    assert!(body.collect().await.is_err());
+    assert_eq!(
+        outcomes.one(),
+        Outcome::failed(Phase::DuringBody, Some(StatusCode::OK))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_read_to_its_end_is_recorded_at_the_end() {
+    let outcomes = Outcomes::default();
+    let service = ClientDisconnectLayer::new()
+        .on_outcome(outcomes.hook())
+        .layer(service_fn(|_: Request<()>| async {
+            let stream = futures_util::stream::iter([
+                Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(b"a"))),
+                Ok(http_body::Frame::data(Bytes::from_static(b"b"))),
+            ]);
+            Ok::<_, Infallible>(Response::new(StreamBody::new(stream)))
+        }));
+    let body = service.oneshot(Request::new(())).await.unwrap().into_body();
+    let mut body = pin!(body);
+    while let Some(frame) = body.frame().await {
+        frame.unwrap();
+    }
+    // Recorded before the server drops the body.
+    assert_eq!(outcomes.one(), Outcome::completed(StatusCode::OK));
+    assert!(matches!(
+        body.as_mut().poll_frame(&mut noop_cx()),
+        Poll::Ready(None)
+    ));
+}

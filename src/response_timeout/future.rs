@@ -74,6 +74,14 @@ impl<F> ResponseFuture<F> {
     }
 }
 
+#[cfg(test)]
+impl<F> ResponseFuture<F> {
+    /// Whether a timer was created (and so registered when polled).
+    pub(super) fn has_timer(&self) -> bool {
+        self.sleep.is_some()
+    }
+}
+
 impl<F, B, E> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
@@ -89,7 +97,10 @@ where
         };
         // The inner future first: a response that is ready wins a tie with the timer, and a
         // response ready at its first poll never touches the clock.
-        let guard = PanicGuard::new(this.exchange.as_ref(), Outcome::panicked(Phase::BeforeHead, None));
+        let guard = PanicGuard::new(
+            this.exchange.as_ref(),
+            Outcome::panicked(Phase::BeforeHead, None),
+        );
         let polled = inner.poll(cx);
         guard.disarm();
         if let Poll::Ready(result) = polled {
