@@ -137,7 +137,13 @@ impl Outcomes {
     }
 
     pub fn all(&self) -> Vec<Outcome> {
-        self.inner.0.lock().unwrap().iter().map(|(o, _)| o.clone()).collect()
+        self.inner
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(o, _)| o.clone())
+            .collect()
     }
 
     pub fn with_elapsed(&self) -> Vec<(Outcome, Duration)> {
