@@ -204,12 +204,16 @@ impl Drop for LiveGuard {
 }
 
 /// A span or event as the capture saw it: its name and fields.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Captured {
     pub name: String,
     pub fields: BTreeMap<String, String>,
     /// For events: the fields of the parent span at the time of the event.
     pub parent: Option<BTreeMap<String, String>>,
+    /// For spans: the name of the parent span.
+    pub parent_name: Option<String>,
+    /// For events: the level.
+    pub level: tracing::Level,
 }
 
 /// Captures closed `request` spans and the events emitted in them.
@@ -292,6 +296,8 @@ where
             name: event.metadata().name().to_owned(),
             fields,
             parent,
+            parent_name: None,
+            level: *event.metadata().level(),
         });
     }
 
@@ -309,6 +315,8 @@ where
                 name: span.name().to_owned(),
                 fields,
                 parent: None,
+                parent_name: span.parent().map(|parent| parent.name().to_owned()),
+                level: *span.metadata().level(),
             });
         }
     }
