@@ -39,6 +39,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod client_disconnect;
+pub mod connect_timeout;
 pub mod deadline;
 pub mod outcome;
 pub mod record;
@@ -46,14 +47,17 @@ pub mod response;
 pub mod response_timeout;
 pub mod signal;
 pub mod trace;
+pub mod upstream;
 
 #[cfg(test)]
 mod test_support;
 
 pub use self::client_disconnect::{ClientDisconnect, ClientDisconnectLayer};
+pub use self::connect_timeout::{ConnectTimeout, ConnectTimeoutError, ConnectTimeoutLayer};
 pub use self::deadline::Deadline;
 pub use self::outcome::{Outcome, Phase, ProxyError};
 pub use self::record::{OnOutcome, Report};
 pub use self::response::{Generated, ResponseBody};
 pub use self::response_timeout::{ResponseTimeout, ResponseTimeoutLayer};
 pub use self::signal::ClientGone;
+pub use self::upstream::{UpstreamFailure, UpstreamFailureLayer};

@@ -65,14 +65,25 @@ pub enum Outcome {
     /// The connection to the upstream was not established in time.
     #[non_exhaustive]
     ConnectTimeout {
-        /// The limit that was exceeded.
-        timeout: Duration,
+        /// The limit that was exceeded, when it is known (a
+        /// [`ConnectTimeoutLayer`](crate::ConnectTimeoutLayer)'s; `None` when the connector's
+        /// own timeout fired, such as `HttpConnector::set_connect_timeout`).
+        timeout: Option<Duration>,
         /// The status that was sent (599 unless configured otherwise).
         status: StatusCode,
     },
     /// Connecting to the upstream failed outright (refused, unreachable, …).
     #[non_exhaustive]
     ConnectFailed {
+        /// The most specific RFC 9209 error type that could be told.
+        error: ProxyError,
+        /// The status that was sent (502 unless configured otherwise).
+        status: StatusCode,
+    },
+    /// Connected, but the exchange with the upstream failed before a response head (the
+    /// connection closed, a protocol error, …).
+    #[non_exhaustive]
+    UpstreamFailed {
         /// The most specific RFC 9209 error type that could be told.
         error: ProxyError,
         /// The status that was sent (502 unless configured otherwise).
@@ -124,6 +135,18 @@ impl Outcome {
         Outcome::ResponseTimeout { timeout, status }
     }
 
+    pub(crate) fn connect_timeout(timeout: Option<Duration>, status: StatusCode) -> Self {
+        Outcome::ConnectTimeout { timeout, status }
+    }
+
+    pub(crate) fn connect_failed(error: ProxyError, status: StatusCode) -> Self {
+        Outcome::ConnectFailed { error, status }
+    }
+
+    pub(crate) fn upstream_failed(error: ProxyError, status: StatusCode) -> Self {
+        Outcome::UpstreamFailed { error, status }
+    }
+
     pub(crate) fn client_disconnected(
         phase: Phase,
         sent_status: Option<StatusCode>,
@@ -150,13 +173,14 @@ impl Outcome {
 
     /// A short, stable name for the outcome: the value of the `tower_timeouts.outcome` span
     /// field (`completed`, `response_timeout`, `connect_timeout`, `connect_failed`,
-    /// `client_disconnected`, `failed`, `panicked`, `dropped`).
+    /// `upstream_failed`, `client_disconnected`, `failed`, `panicked`, `dropped`).
     pub fn kind(&self) -> &'static str {
         match self {
             Outcome::Completed { .. } => "completed",
             Outcome::ResponseTimeout { .. } => "response_timeout",
             Outcome::ConnectTimeout { .. } => "connect_timeout",
             Outcome::ConnectFailed { .. } => "connect_failed",
+            Outcome::UpstreamFailed { .. } => "upstream_failed",
             Outcome::ClientDisconnected { .. } => "client_disconnected",
             Outcome::Failed { .. } => "failed",
             Outcome::Panicked { .. } => "panicked",
@@ -174,7 +198,8 @@ impl Outcome {
             Outcome::Completed { status }
             | Outcome::ResponseTimeout { status, .. }
             | Outcome::ConnectTimeout { status, .. }
-            | Outcome::ConnectFailed { status, .. } => Some(*status),
+            | Outcome::ConnectFailed { status, .. }
+            | Outcome::UpstreamFailed { status, .. } => Some(*status),
             Outcome::ClientDisconnected { sent_status, .. }
             | Outcome::Failed { sent_status, .. }
             | Outcome::Panicked { sent_status, .. } => *sent_status,
@@ -201,7 +226,9 @@ impl Outcome {
             Outcome::Completed { .. } => None,
             Outcome::ResponseTimeout { .. } => Some(ProxyError::HttpResponseTimeout.token()),
             Outcome::ConnectTimeout { .. } => Some(ProxyError::ConnectionTimeout.token()),
-            Outcome::ConnectFailed { error, .. } => Some(error.token()),
+            Outcome::ConnectFailed { error, .. } | Outcome::UpstreamFailed { error, .. } => {
+                Some(error.token())
+            }
             Outcome::ClientDisconnected { .. } => Some("client_disconnected"),
             Outcome::Failed {
                 phase: Phase::BeforeHead,
@@ -280,6 +307,8 @@ pub enum ProxyError {
     DnsTimeout,
     /// `tls_protocol_error`: the TLS handshake failed.
     TlsProtocolError,
+    /// `http_protocol_error`: the upstream's response was not valid HTTP.
+    HttpProtocolError,
     /// `proxy_internal_error`: anything the crate cannot tell more precisely.
     ProxyInternalError,
 }
@@ -297,6 +326,7 @@ impl ProxyError {
             ProxyError::DnsError => "dns_error",
             ProxyError::DnsTimeout => "dns_timeout",
             ProxyError::TlsProtocolError => "tls_protocol_error",
+            ProxyError::HttpProtocolError => "http_protocol_error",
             ProxyError::ProxyInternalError => "proxy_internal_error",
         }
     }
@@ -314,7 +344,8 @@ impl ProxyError {
             ProxyError::ConnectionRefused
             | ProxyError::ConnectionTerminated
             | ProxyError::DnsError
-            | ProxyError::TlsProtocolError => StatusCode::BAD_GATEWAY,
+            | ProxyError::TlsProtocolError
+            | ProxyError::HttpProtocolError => StatusCode::BAD_GATEWAY,
         }
     }
 }

@@ -29,7 +29,7 @@ use http::{Method, Request};
 use tokio::time::Instant;
 use tracing::{Level, Span};
 
-use crate::outcome::Outcome;
+use crate::outcome::{Outcome, Phase};
 use crate::trace;
 
 /// What the [`on_outcome`](crate::ClientDisconnectLayer::on_outcome) hook is told when a
@@ -211,6 +211,89 @@ impl Exchange {
         true
     }
 }
+
+/// A layer's share in a request's exchange, for the layers whose part ends with the response
+/// head ([`ResponseTimeout`](crate::ResponseTimeout),
+/// [`UpstreamFailure`](crate::UpstreamFailure)). The owner records a normal head or an error
+/// itself, and a future dropped before either as [`Outcome::Dropped`].
+#[derive(Debug)]
+pub(crate) struct Share {
+    exchange: Arc<Exchange>,
+    owner: bool,
+}
+
+impl Share {
+    pub(crate) fn join<B>(recorder: &Recorder, request: &mut Request<B>) -> Self {
+        let (exchange, owner) = recorder.join(request);
+        Share { exchange, owner }
+    }
+
+    pub(crate) fn exchange(&self) -> &Exchange {
+        &self.exchange
+    }
+
+    /// Enters the span while the owner polls, so that the inner service's events are in it.
+    pub(crate) fn enter(&self) -> Option<tracing::span::Entered<'_>> {
+        self.owner.then(|| self.exchange.span.enter())
+    }
+
+    /// Polls `inner`, recording a panic as the outcome.
+    pub(crate) fn poll<F: std::future::Future>(
+        &self,
+        inner: std::pin::Pin<&mut F>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let guard = PanicGuard::new(&self.exchange, Outcome::panicked(Phase::BeforeHead, None));
+        let polled = inner.poll(cx);
+        guard.disarm();
+        polled
+    }
+
+    /// The inner service produced a head (or an error): the owner records it.
+    pub(crate) fn head<B, E>(&self, result: &Result<http::Response<B>, E>) {
+        if self.owner {
+            self.exchange.finish(match result {
+                Ok(response) => Outcome::completed(response.status()),
+                Err(_) => Outcome::failed(Phase::BeforeHead, None),
+            });
+        }
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        if self.owner {
+            self.exchange.finish(Outcome::dropped());
+        }
+    }
+}
+
+/// The builder methods of every layer that may own a request's recording.
+macro_rules! recorder_methods {
+    () => {
+        /// Calls `hook` once per request, when it ends. Used when this is the outermost of the
+        /// crate's layers on the request, which records for all.
+        pub fn on_outcome(mut self, hook: impl $crate::OnOutcome) -> Self {
+            self.config.recorder = self.config.recorder.on_outcome(hook);
+            self
+        }
+
+        /// The level of the event emitted for every outcome but a normal completion (default
+        /// WARN).
+        pub fn event_level(mut self, level: tracing::Level) -> Self {
+            self.config.recorder = self.config.recorder.event_level(level);
+            self
+        }
+
+        /// Records into the span current at `call` instead of opening a `request` span. See
+        /// [`trace`](crate::trace).
+        pub fn record_in_current_span(mut self) -> Self {
+            self.config.recorder = self.config.recorder.record_in_current_span();
+            self
+        }
+    };
+}
+pub(crate) use recorder_methods;
 
 /// Marks a poll of wrapped code: if that code panics, the guard records the panic as the
 /// outcome while the stack unwinds.

@@ -86,6 +86,37 @@ impl Generated {
     }
 }
 
+/// The builder methods of every layer that generates responses.
+macro_rules! response_methods {
+    () => {
+        /// Names the proxy in `Proxy-Status` (default `tower-timeouts`). A name that is not an
+        /// RFC 8941 token is sent as a quoted string.
+        pub fn proxy_name(mut self, name: &str) -> Self {
+            self.config.responses = self.config.responses.proxy_name(Some(name));
+            self
+        }
+
+        /// Sends no `Proxy-Status` header.
+        pub fn without_proxy_status(mut self) -> Self {
+            self.config.responses = self.config.responses.proxy_name(None);
+            self
+        }
+
+        /// Builds the generated responses with `make` instead of the default one. The status it
+        /// sets is what is sent (the outcome's [`sent_status`](crate::Outcome::sent_status) is
+        /// the configured one). `Proxy-Status` is added unless `make` sets it or it is turned
+        /// off, and the [`Generated`](crate::Generated) marker is always added.
+        pub fn response_with<F>(mut self, make: F) -> Self
+        where
+            F: Fn(&$crate::Outcome) -> http::Response<bytes::Bytes> + Send + Sync + 'static,
+        {
+            self.config.responses = self.config.responses.response_with(make);
+            self
+        }
+    };
+}
+pub(crate) use response_methods;
+
 type MakeFn = dyn Fn(&Outcome) -> Response<Bytes> + Send + Sync;
 
 /// How a layer builds the responses it generates. Shared (cheaply cloned) by a layer's
@@ -133,20 +164,36 @@ impl ResponseConfig {
     /// Builds the response for `outcome`: the user's builder or the default one, then the
     /// `Proxy-Status` header (unless the builder set one) and the [`Generated`] marker.
     pub(crate) fn generate<B>(&self, outcome: Outcome) -> Response<ResponseBody<B>> {
+        self.generate_with_details(outcome, None)
+    }
+
+    /// [`generate`](Self::generate), with a `details` parameter in `Proxy-Status`.
+    pub(crate) fn generate_with_details<B>(
+        &self,
+        outcome: Outcome,
+        details: Option<&str>,
+    ) -> Response<ResponseBody<B>> {
         let mut response = match &self.make {
             Some(make) => make(&outcome),
             None => default_response(&outcome),
         };
         if let (Some(name), Some(error)) = (&self.proxy_status, outcome.error_type()) {
             if !response.headers().contains_key(PROXY_STATUS) {
-                let mut value = Vec::with_capacity(name.len() + error.len() + 8);
-                value.extend_from_slice(name.as_bytes());
-                value.extend_from_slice(b"; error=");
-                value.extend_from_slice(error.as_bytes());
-                if let Ok(value) = HeaderValue::from_bytes(&value) {
+                let mut value = format!("{}; error={error}", String::from_utf8_lossy(name.as_bytes()));
+                if let Some(details) = details {
+                    value.push_str("; details=");
+                    push_sf_string(&mut value, details);
+                }
+                if let Ok(value) = HeaderValue::from_str(&value) {
                     response.headers_mut().insert(PROXY_STATUS, value);
                 }
             }
+        }
+        #[cfg(feature = "hyper")]
+        if response.status() == crate::outcome::NETWORK_CONNECT_TIMEOUT {
+            response
+                .extensions_mut()
+                .insert(hyper::ext::ReasonPhrase::from_static(b"Network Connect Timeout Error"));
         }
         response.extensions_mut().insert(Generated { outcome });
         response.map(ResponseBody::generated)
@@ -185,17 +232,23 @@ fn proxy_name_value(name: &str) -> HeaderValue {
         name.to_owned()
     } else {
         let mut quoted = String::with_capacity(name.len() + 2);
-        quoted.push('"');
-        for c in name.chars().filter(|c| (' '..='~').contains(c)) {
-            if c == '"' || c == '\\' {
-                quoted.push('\\');
-            }
-            quoted.push(c);
-        }
-        quoted.push('"');
+        push_sf_string(&mut quoted, name);
         quoted
     };
     HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static(DEFAULT_PROXY_NAME))
+}
+
+/// Appends `text` as an RFC 8941 string: quoted, `"` and `\\` escaped, characters a header
+/// cannot carry dropped.
+fn push_sf_string(out: &mut String, text: &str) {
+    out.push('"');
+    for c in text.chars().filter(|c| (' '..='~').contains(c)) {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
 }
 
 pin_project! {

@@ -10,8 +10,8 @@ use tokio::time::{sleep_until, Sleep};
 
 use super::Config;
 use crate::deadline::Limit;
-use crate::outcome::{Outcome, Phase};
-use crate::record::{Exchange, PanicGuard};
+use crate::outcome::Outcome;
+use crate::record::Share;
 use crate::response::ResponseBody;
 
 pin_project! {
@@ -22,18 +22,8 @@ pin_project! {
         #[pin]
         sleep: Option<Unconstrained<Sleep>>,
         limit: Limit,
-        exchange: Arc<Exchange>,
-        owner: bool,
+        share: Share,
         config: Arc<Config>,
-    }
-
-    impl<F> PinnedDrop for ResponseFuture<F> {
-        fn drop(this: Pin<&mut Self>) {
-            let this = this.project();
-            if *this.owner {
-                this.exchange.finish(Outcome::dropped());
-            }
-        }
     }
 }
 
@@ -50,7 +40,7 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
         f.debug_struct("ResponseFuture")
             .field("limit", &self.limit)
             .field("timer", &self.sleep.is_some())
-            .field("exchange", &self.exchange)
+            .field("share", &self.share)
             .finish_non_exhaustive()
     }
 }
@@ -59,16 +49,14 @@ impl<F> ResponseFuture<F> {
     pub(super) fn new(
         inner: F,
         limit: Limit,
-        exchange: Arc<Exchange>,
-        owner: bool,
+        share: Share,
         config: Arc<Config>,
     ) -> Self {
         ResponseFuture {
             state: State::Running { inner },
             sleep: None,
             limit,
-            exchange,
-            owner,
+            share,
             config,
         }
     }
@@ -90,27 +78,16 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let _entered = this.owner.then(|| this.exchange.span().enter());
+        let _entered = this.share.enter();
 
         let StateProj::Running { inner } = this.state.as_mut().project() else {
             panic!("ResponseFuture polled after completion");
         };
         // The inner future first: a response that is ready wins a tie with the timer, and a
         // response ready at its first poll never touches the clock.
-        let guard = PanicGuard::new(
-            this.exchange.as_ref(),
-            Outcome::panicked(Phase::BeforeHead, None),
-        );
-        let polled = inner.poll(cx);
-        guard.disarm();
-        if let Poll::Ready(result) = polled {
+        if let Poll::Ready(result) = this.share.poll(inner, cx) {
             this.state.set(State::Done);
-            if *this.owner {
-                this.exchange.finish(match &result {
-                    Ok(response) => Outcome::completed(response.status()),
-                    Err(_) => Outcome::failed(Phase::BeforeHead, None),
-                });
-            }
+            this.share.head(&result);
             return Poll::Ready(result.map(|response| response.map(ResponseBody::new)));
         }
 
@@ -130,7 +107,7 @@ where
         let outcome = Outcome::response_timeout(timeout, this.config.status);
         // Recorded before the inner future is dropped, so that a layer inside does not take
         // the drop for a client that left.
-        this.exchange.finish(outcome.clone());
+        this.share.exchange().finish(outcome.clone());
         this.state.set(State::Done);
         Poll::Ready(Ok(this.config.responses.generate(outcome)))
     }

@@ -58,7 +58,7 @@ use http::{Request, Response, StatusCode};
 use tower_service::Service;
 
 use crate::deadline::{Deadline, Limit};
-use crate::record::Recorder;
+use crate::record::{Recorder, Share};
 use crate::response::{ResponseBody, ResponseConfig};
 use crate::trace;
 
@@ -115,16 +115,16 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        let (exchange, owner) = self.config.recorder.join(&mut request);
+        let share = Share::join(&self.config.recorder, &mut request);
         let limit = match request.extensions().get::<Deadline>() {
             Some(deadline) => deadline.limit(),
             None => Limit::After(self.config.timeout),
         };
         if let Some(timeout) = limit.timeout() {
-            trace::record_timeout(exchange.span(), timeout);
+            trace::record_timeout(share.exchange().span(), timeout);
         }
-        let inner = exchange.span().in_scope(|| self.inner.call(request));
-        ResponseFuture::new(inner, limit, exchange, owner, self.config.clone())
+        let inner = share.exchange().span().in_scope(|| self.inner.call(request));
+        ResponseFuture::new(inner, limit, share, self.config.clone())
     }
 }
 
