@@ -60,7 +60,10 @@ fn classify_io(error: &io::Error, statuses: &Statuses) -> Option<Outcome> {
         | io::ErrorKind::BrokenPipe
         | io::ErrorKind::UnexpectedEof => {
             let kind = ProxyError::ConnectionTerminated;
-            return Some(Outcome::upstream_failed(kind, statuses.upstream_failed(kind)));
+            return Some(Outcome::upstream_failed(
+                kind,
+                statuses.upstream_failed(kind),
+            ));
         }
         _ => return None,
     };
@@ -116,7 +119,10 @@ mod tests {
     }
 
     fn wrapped(inner: impl Error + Send + Sync + 'static) -> Wrapped {
-        Wrapped("client error (Connect)", Box::new(Wrapped("tcp connect error", Box::new(inner))))
+        Wrapped(
+            "client error (Connect)",
+            Box::new(Wrapped("tcp connect error", Box::new(inner))),
+        )
     }
 
     #[test]
@@ -125,7 +131,10 @@ mod tests {
         let timeout = ConnectTimeoutError::new(Duration::from_millis(100), None);
         assert_eq!(
             classify(&wrapped(timeout), &statuses),
-            Outcome::connect_timeout(Some(Duration::from_millis(100)), StatusCode::from_u16(599).unwrap())
+            Outcome::connect_timeout(
+                Some(Duration::from_millis(100)),
+                StatusCode::from_u16(599).unwrap()
+            )
         );
         let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
         assert_eq!(
@@ -142,7 +151,10 @@ mod tests {
             classify(&wrapped(unreachable), &statuses),
             Outcome::connect_failed(ProxyError::DestinationUnavailable, StatusCode::BAD_GATEWAY)
         );
-        let dns = Wrapped("dns error", Box::new(io::Error::other("failed to lookup address information")));
+        let dns = Wrapped(
+            "dns error",
+            Box::new(io::Error::other("failed to lookup address information")),
+        );
         assert_eq!(
             classify(&Wrapped("client error (Connect)", Box::new(dns)), &statuses),
             Outcome::connect_failed(ProxyError::DnsError, StatusCode::BAD_GATEWAY)
@@ -160,7 +172,10 @@ mod tests {
             ..Statuses::default()
         };
         let timeout = ConnectTimeoutError::new(Duration::from_millis(100), None);
-        assert_eq!(classify(&timeout, &strict).sent_status(), Some(StatusCode::GATEWAY_TIMEOUT));
+        assert_eq!(
+            classify(&timeout, &strict).sent_status(),
+            Some(StatusCode::GATEWAY_TIMEOUT)
+        );
         let unreachable = io::Error::from(io::ErrorKind::NetworkUnreachable);
         assert_eq!(
             classify(&unreachable, &strict).sent_status(),
@@ -170,6 +185,9 @@ mod tests {
             connect_timeout: Some(StatusCode::SERVICE_UNAVAILABLE),
             ..Statuses::default()
         };
-        assert_eq!(classify(&timeout, &custom).sent_status(), Some(StatusCode::SERVICE_UNAVAILABLE));
+        assert_eq!(
+            classify(&timeout, &custom).sent_status(),
+            Some(StatusCode::SERVICE_UNAVAILABLE)
+        );
     }
 }

@@ -84,7 +84,9 @@ where
     }
 }
 
-fn innermost<'a>(error: &'a (dyn std::error::Error + 'static)) -> &'a (dyn std::error::Error + 'static) {
+fn innermost<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> &'a (dyn std::error::Error + 'static) {
     let mut error = error;
     while let Some(source) = error.source() {
         error = source;

@@ -214,7 +214,10 @@ where
         if let Some(error) = self.not_ready.take() {
             return UpstreamFuture::failed(error, share, self.config.clone());
         }
-        let inner = share.exchange().span().in_scope(|| self.inner.call(request));
+        let inner = share
+            .exchange()
+            .span()
+            .in_scope(|| self.inner.call(request));
         UpstreamFuture::new(inner, share, self.config.clone())
     }
 }
