@@ -72,6 +72,18 @@ pub const RECORDED_STATUS: &str = "tower_timeouts.recorded_status";
 /// `tower_timeouts.elapsed_ms`
 pub const ELAPSED_MS: &str = "tower_timeouts.elapsed_ms";
 
+/// `server.address`, on the `connect` span.
+pub const SERVER_ADDRESS: &str = "server.address";
+/// `server.port`, on the `connect` span.
+pub const SERVER_PORT: &str = "server.port";
+/// `tower_timeouts.connect_ms`, on the `connect` span: how long the attempt took.
+pub const CONNECT_MS: &str = "tower_timeouts.connect_ms";
+/// `tower_timeouts.connect_outcome`, on the `connect` span: `connected`, `timeout` or `error`.
+pub const CONNECT_OUTCOME: &str = "tower_timeouts.connect_outcome";
+
+/// The name of the span [`ConnectTimeout`](crate::ConnectTimeout) opens for a connect attempt.
+pub const CONNECT_SPAN_NAME: &str = "connect";
+
 /// The name of the span the crate opens for a request.
 pub const SPAN_NAME: &str = "request";
 

@@ -80,9 +80,6 @@ where
 }
 
 fn record(span: &Span, started: Instant, outcome: &'static str) {
-    span.record(
-        "tower_timeouts.connect_ms",
-        trace::duration_ms(started.elapsed()),
-    );
-    span.record("tower_timeouts.connect_outcome", outcome);
+    span.record(trace::CONNECT_MS, trace::duration_ms(started.elapsed()));
+    span.record(trace::CONNECT_OUTCOME, outcome);
 }

@@ -54,6 +54,8 @@ use http::Uri;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::trace;
+
 /// Applies [`ConnectTimeout`] to a connector.
 #[derive(Clone, Copy, Debug)]
 pub struct ConnectTimeoutLayer {
@@ -143,11 +145,11 @@ where
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let span = tracing::info_span!(
-            "connect",
-            "server.address" = uri.host().unwrap_or_default(),
-            "server.port" = uri.port_u16().or_else(|| default_port(&uri)),
-            "tower_timeouts.connect_ms" = tracing::field::Empty,
-            "tower_timeouts.connect_outcome" = tracing::field::Empty,
+            trace::CONNECT_SPAN_NAME,
+            { trace::SERVER_ADDRESS } = uri.host().unwrap_or_default(),
+            { trace::SERVER_PORT } = uri.port_u16().or_else(|| default_port(&uri)),
+            { trace::CONNECT_MS } = tracing::field::Empty,
+            { trace::CONNECT_OUTCOME } = tracing::field::Empty,
         );
         let address = self
             .layer
