@@ -139,10 +139,15 @@ impl Recorder {
         } else {
             trace::make_span(request)
         };
+        // The event names the request itself only when the span that would is off.
+        let request_details = (span.is_disabled()
+            && tracing::level_filters::LevelFilter::current() >= self.level)
+            .then(|| trace::RequestDetails::of(request));
         let exchange = Arc::new(Exchange {
             span,
             start: Instant::now(),
             method: request.method().clone(),
+            request_details,
             recorder: self.clone(),
             finished: AtomicBool::new(false),
         });
@@ -162,6 +167,7 @@ pub(crate) struct Exchange {
     span: Span,
     start: Instant,
     method: Method,
+    request_details: Option<trace::RequestDetails>,
     recorder: Recorder,
     finished: AtomicBool,
 }
@@ -197,6 +203,7 @@ impl Exchange {
             self.recorder.level,
             &outcome,
             trace::duration_ms(elapsed),
+            self.request_details.as_ref(),
         );
         if let Some(hook) = &self.recorder.hook {
             let report = Report {

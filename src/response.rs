@@ -179,7 +179,10 @@ impl ResponseConfig {
         };
         if let (Some(name), Some(error)) = (&self.proxy_status, outcome.error_type()) {
             if !response.headers().contains_key(PROXY_STATUS) {
-                let mut value = format!("{}; error={error}", String::from_utf8_lossy(name.as_bytes()));
+                let mut value = format!(
+                    "{}; error={error}",
+                    String::from_utf8_lossy(name.as_bytes())
+                );
                 if let Some(details) = details {
                     value.push_str("; details=");
                     push_sf_string(&mut value, details);
@@ -193,7 +196,9 @@ impl ResponseConfig {
         if response.status() == crate::outcome::NETWORK_CONNECT_TIMEOUT {
             response
                 .extensions_mut()
-                .insert(hyper::ext::ReasonPhrase::from_static(b"Network Connect Timeout Error"));
+                .insert(hyper::ext::ReasonPhrase::from_static(
+                    b"Network Connect Timeout Error",
+                ));
         }
         response.extensions_mut().insert(Generated { outcome });
         response.map(ResponseBody::generated)

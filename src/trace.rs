@@ -128,9 +128,33 @@ pub fn make_span<B>(request: &Request<B>) -> Span {
     span
 }
 
+/// What the outcome event says of the request when the request span is off.
+#[derive(Debug)]
+pub(crate) struct RequestDetails {
+    method: http::Method,
+    uri: http::Uri,
+    user_agent: Option<http::HeaderValue>,
+}
+
+impl RequestDetails {
+    pub(crate) fn of<B>(request: &Request<B>) -> Self {
+        RequestDetails {
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            user_agent: request.headers().get(http::header::USER_AGENT).cloned(),
+        }
+    }
+}
+
 /// Records the end of the request into `span`, and emits the event for anything but a normal
 /// completion.
-pub(crate) fn record_outcome(span: &Span, level: Level, outcome: &Outcome, elapsed_ms: u64) {
+pub(crate) fn record_outcome(
+    span: &Span,
+    level: Level,
+    outcome: &Outcome,
+    elapsed_ms: u64,
+    request: Option<&RequestDetails>,
+) {
     let error_type = outcome.error_type();
     if !span.is_disabled() {
         span.record(OUTCOME, outcome.kind());
@@ -152,6 +176,11 @@ pub(crate) fn record_outcome(span: &Span, level: Level, outcome: &Outcome, elaps
         return;
     };
     let recorded_status = outcome.recorded_status().map(|status| status.as_u16());
+    let method = request.map(|request| request.method.as_str());
+    let path = request.map(|request| request.uri.path());
+    let user_agent = request
+        .and_then(|request| request.user_agent.as_ref())
+        .map(|agent| String::from_utf8_lossy(agent.as_bytes()));
     macro_rules! emit {
         ($level:expr) => {
             tracing::event!(
@@ -161,6 +190,9 @@ pub(crate) fn record_outcome(span: &Span, level: Level, outcome: &Outcome, elaps
                 { ERROR_TYPE } = error_type,
                 { RECORDED_STATUS } = recorded_status,
                 { ELAPSED_MS } = elapsed_ms,
+                { HTTP_REQUEST_METHOD } = method,
+                { URL_PATH } = path,
+                { USER_AGENT_ORIGINAL } = user_agent.as_deref(),
                 details = ?outcome,
                 "request ended: {outcome}",
             )

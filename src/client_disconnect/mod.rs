@@ -56,7 +56,7 @@
 //!
 //! # Cancelling spawned work
 //!
-//! Before it calls the inner service the layer puts a [`ClientGone`](crate::ClientGone) into
+//! Before it calls the inner service the layer puts a [`ClientGone`] into
 //! the request's extensions and fires it when the client leaves. See [`signal`](crate::signal).
 //!
 //! # Where to put it

@@ -73,7 +73,6 @@ async fn future_dropped_before_the_head_is_a_499_and_fires_the_signal() {
         Outcome::client_disconnected(Phase::BeforeHead, None, 0)
     );
     assert_eq!(outcome.recorded_status().map(|s| s.as_u16()), Some(499));
-    let _ = &mut signal;
 }
 
 #[tokio::test(start_paused = true)]

@@ -46,12 +46,7 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
 }
 
 impl<F> ResponseFuture<F> {
-    pub(super) fn new(
-        inner: F,
-        limit: Limit,
-        share: Share,
-        config: Arc<Config>,
-    ) -> Self {
+    pub(super) fn new(inner: F, limit: Limit, share: Share, config: Arc<Config>) -> Self {
         ResponseFuture {
             state: State::Running { inner },
             sleep: None,

@@ -32,7 +32,7 @@
 //! - `Duration::ZERO` times out every request whose response is not ready at its first poll.
 //!   A limit beyond the clock's range (`Duration::MAX`) never fires and never registers a
 //!   timer. Neither panics.
-//! - A [`Deadline`](crate::Deadline) in the request's extensions replaces the configured
+//! - A [`Deadline`] in the request's extensions replaces the configured
 //!   limit for that request.
 //!
 //! # Differences from `tower::timeout` and `tower_http::timeout`
@@ -42,7 +42,7 @@
 //! answers with an empty-bodied response but needs `ResBody: Default`, polls its sleep first
 //! (so it always registers a timer and wins ties) and marks nothing. This layer answers with a
 //! marked, explained response, keeps the inner body type in an enum
-//! ([`ResponseBody`](crate::ResponseBody)) and records the outcome.
+//! ([`ResponseBody`]) and records the outcome.
 
 mod future;
 mod layer;
@@ -123,7 +123,10 @@ where
         if let Some(timeout) = limit.timeout() {
             trace::record_timeout(share.exchange().span(), timeout);
         }
-        let inner = share.exchange().span().in_scope(|| self.inner.call(request));
+        let inner = share
+            .exchange()
+            .span()
+            .in_scope(|| self.inner.call(request));
         ResponseFuture::new(inner, limit, share, self.config.clone())
     }
 }

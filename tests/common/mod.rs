@@ -112,10 +112,12 @@ pub fn full(text: &'static str) -> Full<Bytes> {
     Full::new(Bytes::from_static(text.as_bytes()))
 }
 
+type Reports = (Mutex<Vec<(Outcome, Duration)>>, Notify);
+
 /// Collects what the `on_outcome` hook is told.
 #[derive(Clone, Default)]
 pub struct Outcomes {
-    inner: Arc<(Mutex<Vec<(Outcome, Duration)>>, Notify)>,
+    inner: Arc<Reports>,
 }
 
 impl Outcomes {

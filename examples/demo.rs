@@ -1,0 +1,540 @@
+//! Run with: cargo run --example demo
+//!
+//! Starts an axum server with `ClientDisconnectLayer` (outermost) and `ResponseTimeoutLayer`,
+//! then plays each scenario against it with a real client and prints what the client saw next
+//! to what the layers recorded. Exits with status 1 if anything differs from what is expected.
+//!
+//! Set `RUST_LOG` (to anything) to also see the crate's WARN events on stderr.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Extension, Router};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::{timeout, Instant};
+use tower::ServiceBuilder;
+use tower_timeouts::response::PROXY_STATUS;
+use tower_timeouts::{ClientDisconnectLayer, ClientGone, Outcome, Report, ResponseTimeoutLayer};
+
+/// The server's limit on every response.
+const RESPONSE_TIMEOUT: Duration = Duration::from_millis(200);
+/// How long `/slow` would take if nothing stopped it.
+const SLOW_HANDLER: Duration = Duration::from_secs(5);
+/// The bound on every single wait of the driver (a response, an outcome, a signal).
+const WAIT: Duration = Duration::from_secs(2);
+/// The bound on the whole demo.
+const WHOLE_DEMO: Duration = Duration::from_secs(15);
+
+/// The scenarios, played in order. Each one names how the client behaves and what must follow.
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "fast",
+        client: ClientAction::Get("/fast"),
+        expect: Expect {
+            client_status: Some(200),
+            kind: "completed",
+            recorded_status: 200,
+            error_type: None,
+            proxy_status: None,
+            client_gone_fires: false,
+        },
+    },
+    Scenario {
+        name: "slow",
+        client: ClientAction::Get("/slow"),
+        expect: Expect {
+            client_status: Some(504),
+            kind: "response_timeout",
+            recorded_status: 504,
+            error_type: Some("http_response_timeout"),
+            proxy_status: Some("tower-timeouts; error=http_response_timeout"),
+            client_gone_fires: false,
+        },
+    },
+    Scenario {
+        name: "gone",
+        client: ClientAction::LeaveOnceStarted("/hang"),
+        expect: Expect {
+            client_status: None,
+            kind: "client_disconnected",
+            recorded_status: 499,
+            error_type: Some("client_disconnected"),
+            proxy_status: None,
+            client_gone_fires: true,
+        },
+    },
+    // The upstream half (ConnectTimeoutLayer: 599 connect timeout, 502 connect refused) goes
+    // here: one route per upstream, one `Scenario` each.
+];
+
+struct Scenario {
+    name: &'static str,
+    client: ClientAction,
+    expect: Expect,
+}
+
+enum ClientAction {
+    /// `GET path` with hyper-util's client, reading the whole response.
+    Get(&'static str),
+    /// `GET path` over a raw socket, closed as soon as the handler has started.
+    LeaveOnceStarted(&'static str),
+}
+
+struct Expect {
+    /// The status the client receives; `None` when it leaves before any response.
+    client_status: Option<u16>,
+    /// [`Outcome::kind`] of the one recorded outcome.
+    kind: &'static str,
+    /// [`Outcome::recorded_status`].
+    recorded_status: u16,
+    /// [`Outcome::error_type`].
+    error_type: Option<&'static str>,
+    /// The `Proxy-Status` header the client receives.
+    proxy_status: Option<&'static str>,
+    /// Whether the request's `ClientGone` signal fires.
+    client_gone_fires: bool,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server: an ordinary axum app. Only `Probe` is demo plumbing, so the driver can watch.
+// ---------------------------------------------------------------------------------------------
+
+/// What the hook records for one request.
+struct Recorded {
+    outcome: Outcome,
+    elapsed: Duration,
+}
+
+/// What the handlers tell the driver.
+enum Event {
+    /// A handler started; it hands over its request's signal so the driver can check it.
+    Started {
+        route: &'static str,
+        gone: ClientGone,
+    },
+    /// Work a handler spawned saw the `ClientGone` signal fire.
+    WorkCancelled { route: &'static str, at: Instant },
+}
+
+#[derive(Clone)]
+struct Probe {
+    events: mpsc::UnboundedSender<Event>,
+}
+
+impl Probe {
+    fn send(&self, event: Event) {
+        // The driver outlives the server's work; a send can only fail at exit.
+        let _ = self.events.send(event);
+    }
+}
+
+fn app(probe: Probe, outcomes: mpsc::UnboundedSender<Recorded>) -> Router {
+    Router::new()
+        .route("/fast", get(fast))
+        .route("/slow", get(slow))
+        .route("/hang", get(hang))
+        .layer(
+            ServiceBuilder::new()
+                // Outermost, so that a dropped future really is a client that left. Its hook is
+                // called once per request, whatever the outcome.
+                .layer(
+                    ClientDisconnectLayer::new().on_outcome(move |report: &Report<'_>| {
+                        let _ = outcomes.send(Recorded {
+                            outcome: report.outcome().clone(),
+                            elapsed: report.elapsed(),
+                        });
+                    }),
+                )
+                .layer(ResponseTimeoutLayer::new(RESPONSE_TIMEOUT)),
+        )
+        .with_state(probe)
+}
+
+async fn fast(State(probe): State<Probe>, Extension(gone): Extension<ClientGone>) -> &'static str {
+    probe.send(Event::Started {
+        route: "/fast",
+        gone,
+    });
+    "fast\n"
+}
+
+async fn slow(State(probe): State<Probe>, Extension(gone): Extension<ClientGone>) -> &'static str {
+    probe.send(Event::Started {
+        route: "/slow",
+        gone,
+    });
+    tokio::time::sleep(SLOW_HANDLER).await;
+    "slow\n"
+}
+
+async fn hang(State(probe): State<Probe>, Extension(gone): Extension<ClientGone>) -> &'static str {
+    // This handler's own future is dropped when its client leaves; work it spawned is not, so
+    // that work watches the signal and stops itself.
+    let work = probe.clone();
+    let signal = gone.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = signal.gone() => work.send(Event::WorkCancelled { route: "/hang", at: Instant::now() }),
+            () = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+    });
+    probe.send(Event::Started {
+        route: "/hang",
+        gone,
+    });
+    std::future::pending().await
+}
+
+// ---------------------------------------------------------------------------------------------
+// The driver: plays the scenarios and compares.
+// ---------------------------------------------------------------------------------------------
+
+struct Driver {
+    addr: SocketAddr,
+    client: HttpClient<HttpConnector, Empty<Bytes>>,
+    events: mpsc::UnboundedReceiver<Event>,
+    outcomes: mpsc::UnboundedReceiver<Recorded>,
+}
+
+/// One printed line, and what did not match.
+struct Row {
+    name: &'static str,
+    seen: String,
+    recorded: String,
+    problems: Vec<String>,
+}
+
+/// What the client part of a scenario observed.
+struct Seen {
+    status: Option<http::StatusCode>,
+    proxy_status: Option<String>,
+    /// When the client closed its socket, for a client that leaves.
+    left_at: Option<Instant>,
+    text: String,
+}
+
+impl Driver {
+    async fn play(&mut self, scenario: &Scenario) -> Row {
+        let mut row = Row {
+            name: scenario.name,
+            seen: "(nothing)".to_owned(),
+            recorded: "(nothing)".to_owned(),
+            problems: Vec::new(),
+        };
+        let expect = &scenario.expect;
+
+        let played = match self.run_client(&scenario.client).await {
+            Ok(played) => Some(played),
+            Err(problem) => {
+                row.problems.push(problem);
+                None
+            }
+        };
+        if let Some((seen, _)) = &played {
+            row.seen = seen.text.clone();
+            if seen.status.map(|s| s.as_u16()) != expect.client_status {
+                row.problems.push(format!(
+                    "the client should have seen {}, it saw {}",
+                    status_text(expect.client_status),
+                    status_text(seen.status.map(|s| s.as_u16())),
+                ));
+            }
+            if seen.proxy_status.as_deref() != expect.proxy_status {
+                row.problems.push(format!(
+                    "Proxy-Status should be {:?}, it was {:?}",
+                    expect.proxy_status, seen.proxy_status
+                ));
+            }
+        }
+
+        // Even when the client part failed, show what the server recorded of it.
+        match timeout(WAIT, self.outcomes.recv()).await {
+            Ok(Some(recorded)) => {
+                row.recorded = recorded.describe();
+                row.problems.extend(recorded.mismatches(expect));
+            }
+            _ => row
+                .problems
+                .push(format!("no outcome was recorded within {WAIT:?}")),
+        }
+
+        if let Some((seen, gone)) = &played {
+            if expect.client_gone_fires {
+                match timeout(WAIT, self.events.recv()).await {
+                    Ok(Some(Event::WorkCancelled { route, at })) => {
+                        row.recorded
+                            .push_str(&format!("; ClientGone fired, {route} work stopped"));
+                        if let Some(left_at) = seen.left_at {
+                            let after = at.saturating_duration_since(left_at);
+                            row.recorded
+                                .push_str(&format!(" {} after the client left", ms(after)));
+                        }
+                    }
+                    _ => row.problems.push(format!(
+                        "the spawned work did not see ClientGone fire within {WAIT:?}"
+                    )),
+                }
+            } else if gone.is_gone() {
+                row.problems
+                    .push("ClientGone fired, but the client did not leave".to_owned());
+            }
+        }
+
+        // Whatever is left belongs to this scenario: report it here, not in the next one.
+        row.problems.extend(self.leftovers());
+        row
+    }
+
+    /// Plays the client's part; returns what it saw and the signal of the request it made.
+    async fn run_client(&mut self, action: &ClientAction) -> Result<(Seen, ClientGone), String> {
+        match *action {
+            ClientAction::Get(path) => {
+                let uri: http::Uri = format!("http://{}{path}", self.addr)
+                    .parse()
+                    .map_err(|e| format!("bad uri for {path}: {e}"))?;
+                let response = timeout(WAIT, self.client.get(uri))
+                    .await
+                    .map_err(|_| format!("no response to GET {path} within {WAIT:?}"))?
+                    .map_err(|e| format!("GET {path} failed: {e}"))?;
+                let status = response.status();
+                let proxy_status = response
+                    .headers()
+                    .get(PROXY_STATUS)
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+                // Read the body to its end: only then is the request complete.
+                timeout(WAIT, response.into_body().collect())
+                    .await
+                    .map_err(|_| format!("the body of GET {path} did not end within {WAIT:?}"))?
+                    .map_err(|e| format!("reading the body of GET {path} failed: {e}"))?;
+                let mut text = status_text(Some(status.as_u16()));
+                if let Some(value) = &proxy_status {
+                    text.push_str(&format!(", Proxy-Status: {value}"));
+                }
+                let gone = self.started(path).await?;
+                Ok((
+                    Seen {
+                        status: Some(status),
+                        proxy_status,
+                        left_at: None,
+                        text,
+                    },
+                    gone,
+                ))
+            }
+            ClientAction::LeaveOnceStarted(path) => {
+                let mut stream = timeout(WAIT, TcpStream::connect(self.addr))
+                    .await
+                    .map_err(|_| format!("connecting took more than {WAIT:?}"))?
+                    .map_err(|e| format!("connect failed: {e}"))?;
+                stream
+                    .set_nodelay(true)
+                    .map_err(|e| format!("set_nodelay: {e}"))?;
+                let request = format!("GET {path} HTTP/1.1\r\nhost: {}\r\n\r\n", self.addr);
+                stream
+                    .write_all(request.as_bytes())
+                    .await
+                    .map_err(|e| format!("sending GET {path} failed: {e}"))?;
+                // Leave only once the handler runs: a signal from the handler, not a guess.
+                let gone = self.started(path).await?;
+                let left_at = Instant::now();
+                drop(stream);
+                Ok((
+                    Seen {
+                        status: None,
+                        proxy_status: None,
+                        left_at: Some(left_at),
+                        text: format!("no response: it left while GET {path} ran"),
+                    },
+                    gone,
+                ))
+            }
+        }
+    }
+
+    /// Waits for the handler of `route` to say it started.
+    async fn started(&mut self, route: &str) -> Result<ClientGone, String> {
+        match timeout(WAIT, self.events.recv()).await {
+            Ok(Some(Event::Started { route: r, gone })) if r == route => Ok(gone),
+            Ok(Some(Event::Started { route: r, .. })) => {
+                Err(format!("expected the handler of {route} to start, {r} did"))
+            }
+            Ok(Some(Event::WorkCancelled { route: r, .. })) => Err(format!(
+                "expected the handler of {route} to start, work of {r} was cancelled instead"
+            )),
+            _ => Err(format!(
+                "the handler of {route} did not start within {WAIT:?}"
+            )),
+        }
+    }
+
+    /// What arrived beyond what the scenario accounted for: an extra outcome would break "one
+    /// outcome per request".
+    fn leftovers(&mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        while let Ok(recorded) = self.outcomes.try_recv() {
+            problems.push(format!(
+                "an extra outcome was recorded: {:?}",
+                recorded.outcome
+            ));
+        }
+        while let Ok(event) = self.events.try_recv() {
+            if let Event::WorkCancelled { route, .. } = event {
+                problems.push(format!("ClientGone fired unexpectedly for {route}"));
+            }
+        }
+        problems
+    }
+}
+
+impl Recorded {
+    /// `completed (200) in 0.4 ms`, `response_timeout (504) error.type=… in 200.9 ms`.
+    fn describe(&self) -> String {
+        let outcome = &self.outcome;
+        let status = outcome
+            .recorded_status()
+            .map_or_else(|| "-".to_owned(), |s| s.as_u16().to_string());
+        let error_type = outcome
+            .error_type()
+            .map_or_else(String::new, |e| format!(" error.type={e}"));
+        format!(
+            "{} ({status}){error_type} in {}",
+            outcome.kind(),
+            ms(self.elapsed)
+        )
+    }
+
+    fn mismatches(&self, expect: &Expect) -> Vec<String> {
+        let outcome = &self.outcome;
+        let mut problems = Vec::new();
+        if outcome.kind() != expect.kind {
+            problems.push(format!(
+                "the outcome should be {}, it was {outcome:?}",
+                expect.kind
+            ));
+        }
+        let recorded_status = outcome.recorded_status().map(|s| s.as_u16());
+        if recorded_status != Some(expect.recorded_status) {
+            problems.push(format!(
+                "the recorded status should be {}, it was {recorded_status:?}",
+                expect.recorded_status
+            ));
+        }
+        if outcome.error_type() != expect.error_type {
+            problems.push(format!(
+                "error.type should be {:?}, it was {:?}",
+                expect.error_type,
+                outcome.error_type()
+            ));
+        }
+        problems
+    }
+}
+
+fn status_text(status: Option<u16>) -> String {
+    match status.map(http::StatusCode::from_u16) {
+        None => "no response".to_owned(),
+        Some(Ok(status)) => match status.canonical_reason() {
+            Some(reason) => format!("{} {reason}", status.as_u16()),
+            None => status.as_u16().to_string(),
+        },
+        Some(Err(_)) => "an invalid status".to_owned(),
+    }
+}
+
+fn ms(duration: Duration) -> String {
+    format!("{:.1} ms", duration.as_secs_f64() * 1000.0)
+}
+
+async fn run() -> Result<Vec<Row>, String> {
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let (outcomes_tx, outcomes) = mpsc::unbounded_channel();
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| format!("cannot listen on 127.0.0.1: {e}"))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("no local address: {e}"))?;
+    let app = app(Probe { events: events_tx }, outcomes_tx);
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            eprintln!("server error: {error}");
+        }
+    });
+    println!(
+        "axum on {addr}: ClientDisconnectLayer (outermost) + ResponseTimeoutLayer({} ms)\n",
+        RESPONSE_TIMEOUT.as_millis()
+    );
+
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let mut driver = Driver {
+        addr,
+        client: HttpClient::builder(TokioExecutor::new()).build(connector),
+        events,
+        outcomes,
+    };
+    let mut rows = Vec::with_capacity(SCENARIOS.len());
+    for scenario in SCENARIOS {
+        rows.push(driver.play(scenario).await);
+    }
+    Ok(rows)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_writer(std::io::stderr)
+            .init();
+    }
+
+    let rows = match timeout(WHOLE_DEMO, run()).await {
+        Ok(Ok(rows)) => rows,
+        Ok(Err(problem)) => {
+            eprintln!("demo FAILED: {problem}");
+            return ExitCode::FAILURE;
+        }
+        Err(_) => {
+            eprintln!("demo FAILED: it did not finish within {WHOLE_DEMO:?}");
+            return ExitCode::FAILURE;
+        }
+    };
+
+    let name_width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0);
+    let seen_width = rows.iter().map(|r| r.seen.len()).max().unwrap_or(0);
+    for row in &rows {
+        println!(
+            "{:name_width$}  client saw {:seen_width$}  recorded {}",
+            row.name, row.seen, row.recorded
+        );
+    }
+    let problems: Vec<String> = rows
+        .iter()
+        .flat_map(|row| {
+            row.problems
+                .iter()
+                .map(move |p| format!("{}: {p}", row.name))
+        })
+        .collect();
+    if problems.is_empty() {
+        println!("\nall {} scenarios behaved as expected", SCENARIOS.len());
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("\ndemo FAILED:");
+        for problem in &problems {
+            eprintln!("  {problem}");
+        }
+        ExitCode::FAILURE
+    }
+}
