@@ -4,30 +4,54 @@
 //! then plays each scenario against it with a real client and prints what the client saw next
 //! to what the layers recorded. Exits with status 1 if anything differs from what is expected.
 //!
+//! The `/upstream/…` routes forward to three upstreams the demo starts on loopback, through a
+//! hyper-util `Client` whose connector is wrapped in `ConnectTimeoutLayer`, with
+//! `UpstreamFailureLayer` and a `ResponseTimeoutLayer` around the client:
+//!
+//! - a black hole (an accept queue that is full: connects hang) → 599 `connection_timeout`;
+//! - a bound socket that never listens (connects are refused) → 502 `connection_refused`;
+//! - a listener that never accepts (connects succeed, nobody answers) → 504
+//!   `http_response_timeout`.
+//!
 //! Set `RUST_LOG` (to anything) to also see the crate's WARN events on stderr.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::body::Body;
+use axum::extract::{FromRef, Request, State};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
 use bytes::Bytes;
+use http::{header, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Empty};
+use hyper::ext::ReasonPhrase;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
-use tower::ServiceBuilder;
+use tower::{Layer, ServiceBuilder, ServiceExt};
 use tower_timeouts::response::PROXY_STATUS;
-use tower_timeouts::{ClientDisconnectLayer, ClientGone, Outcome, Report, ResponseTimeoutLayer};
+use tower_timeouts::{
+    ClientDisconnectLayer, ClientGone, ConnectTimeout, ConnectTimeoutLayer, Outcome, Report,
+    ResponseTimeout, ResponseTimeoutLayer, UpstreamFailure, UpstreamFailureLayer,
+};
 
-/// The server's limit on every response.
-const RESPONSE_TIMEOUT: Duration = Duration::from_millis(200);
+/// The server's limit on every response. Longer than the upstream routes' own limits below:
+/// each hop gives up a little before the hop outside it, so the inner one can say why.
+const RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
+/// The limit on connecting to an upstream (`ConnectTimeoutLayer`).
+const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
+/// The limit on an upstream's response head, connect included (the inner
+/// `ResponseTimeoutLayer`).
+const UPSTREAM_RESPONSE_TIMEOUT: Duration = Duration::from_millis(300);
 /// How long `/slow` would take if nothing stopped it.
 const SLOW_HANDLER: Duration = Duration::from_secs(5);
 /// The bound on every single wait of the driver (a response, an outcome, a signal).
@@ -42,11 +66,13 @@ const SCENARIOS: &[Scenario] = &[
         client: ClientAction::Get("/fast"),
         expect: Expect {
             client_status: Some(200),
+            reason: Some("OK"),
             kind: "completed",
             recorded_status: 200,
             error_type: None,
             proxy_status: None,
             client_gone_fires: false,
+            limit: None,
         },
     },
     Scenario {
@@ -54,11 +80,13 @@ const SCENARIOS: &[Scenario] = &[
         client: ClientAction::Get("/slow"),
         expect: Expect {
             client_status: Some(504),
+            reason: Some("Gateway Timeout"),
             kind: "response_timeout",
             recorded_status: 504,
             error_type: Some("http_response_timeout"),
             proxy_status: Some("tower-timeouts; error=http_response_timeout"),
             client_gone_fires: false,
+            limit: Some(RESPONSE_TIMEOUT),
         },
     },
     Scenario {
@@ -66,15 +94,64 @@ const SCENARIOS: &[Scenario] = &[
         client: ClientAction::LeaveOnceStarted("/hang"),
         expect: Expect {
             client_status: None,
+            reason: None,
             kind: "client_disconnected",
             recorded_status: 499,
             error_type: Some("client_disconnected"),
             proxy_status: None,
             client_gone_fires: true,
+            limit: None,
         },
     },
-    // The upstream half (ConnectTimeoutLayer: 599 connect timeout, 502 connect refused) goes
-    // here: one route per upstream, one `Scenario` each.
+    // The upstream side: the handler forwards to an upstream on loopback.
+    Scenario {
+        name: "upstream blackhole",
+        client: ClientAction::Get("/upstream/blackhole"),
+        expect: Expect {
+            client_status: Some(599),
+            // 599 has no canonical reason phrase: the crate's `hyper` feature (on by default)
+            // gives it one, and without it hyper writes `<none>`.
+            reason: Some(if cfg!(feature = "hyper") {
+                "Network Connect Timeout Error"
+            } else {
+                "<none>"
+            }),
+            kind: "connect_timeout",
+            recorded_status: 599,
+            error_type: Some("connection_timeout"),
+            proxy_status: Some("tower-timeouts; error=connection_timeout"),
+            client_gone_fires: false,
+            limit: Some(UPSTREAM_CONNECT_TIMEOUT),
+        },
+    },
+    Scenario {
+        name: "upstream refused",
+        client: ClientAction::Get("/upstream/refused"),
+        expect: Expect {
+            client_status: Some(502),
+            reason: Some("Bad Gateway"),
+            kind: "connect_failed",
+            recorded_status: 502,
+            error_type: Some("connection_refused"),
+            proxy_status: Some("tower-timeouts; error=connection_refused"),
+            client_gone_fires: false,
+            limit: None,
+        },
+    },
+    Scenario {
+        name: "upstream silent",
+        client: ClientAction::Get("/upstream/silent"),
+        expect: Expect {
+            client_status: Some(504),
+            reason: Some("Gateway Timeout"),
+            kind: "response_timeout",
+            recorded_status: 504,
+            error_type: Some("http_response_timeout"),
+            proxy_status: Some("tower-timeouts; error=http_response_timeout"),
+            client_gone_fires: false,
+            limit: Some(UPSTREAM_RESPONSE_TIMEOUT),
+        },
+    },
 ];
 
 struct Scenario {
@@ -93,6 +170,8 @@ enum ClientAction {
 struct Expect {
     /// The status the client receives; `None` when it leaves before any response.
     client_status: Option<u16>,
+    /// The reason phrase on the status line the client receives (HTTP/1.1).
+    reason: Option<&'static str>,
     /// [`Outcome::kind`] of the one recorded outcome.
     kind: &'static str,
     /// [`Outcome::recorded_status`].
@@ -103,6 +182,8 @@ struct Expect {
     proxy_status: Option<&'static str>,
     /// Whether the request's `ClientGone` signal fires.
     client_gone_fires: bool,
+    /// For a timeout: the limit that fired, which tells whose timeout it was.
+    limit: Option<Duration>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -138,11 +219,53 @@ impl Probe {
     }
 }
 
-fn app(probe: Probe, outcomes: mpsc::UnboundedSender<Recorded>) -> Router {
+/// The client side of the upstream routes. Its error type is `Infallible`: every failure to
+/// reach the upstream is already a response.
+type Upstream = UpstreamFailure<ResponseTimeout<HttpClient<ConnectTimeout<HttpConnector>, Body>>>;
+
+/// The hyper-util client, its connector timed by `ConnectTimeoutLayer`, with
+/// `UpstreamFailureLayer` outside `ResponseTimeoutLayer`: the client's errors become 599 / 502
+/// responses, and an upstream that accepts but does not answer gets a 504.
+fn upstream() -> Upstream {
+    let connector = ConnectTimeoutLayer::new(UPSTREAM_CONNECT_TIMEOUT).layer(HttpConnector::new());
+    let client = HttpClient::builder(TokioExecutor::new()).build(connector);
+    ServiceBuilder::new()
+        .layer(UpstreamFailureLayer::new())
+        .layer(ResponseTimeoutLayer::new(UPSTREAM_RESPONSE_TIMEOUT))
+        .service(client)
+}
+
+#[derive(Clone)]
+struct Gateway {
+    upstream: Upstream,
+    /// Each `/upstream/…` route and the base URI of the upstream it forwards to.
+    targets: Arc<[(&'static str, Uri)]>,
+}
+
+#[derive(Clone)]
+struct AppState {
+    probe: Probe,
+    gateway: Gateway,
+}
+
+impl FromRef<AppState> for Probe {
+    fn from_ref(state: &AppState) -> Self {
+        state.probe.clone()
+    }
+}
+
+impl FromRef<AppState> for Gateway {
+    fn from_ref(state: &AppState) -> Self {
+        state.gateway.clone()
+    }
+}
+
+fn app(state: AppState, outcomes: mpsc::UnboundedSender<Recorded>) -> Router {
     Router::new()
         .route("/fast", get(fast))
         .route("/slow", get(slow))
         .route("/hang", get(hang))
+        .route("/upstream/{target}", get(forward))
         .layer(
             ServiceBuilder::new()
                 // Outermost, so that a dropped future really is a client that left. Its hook is
@@ -157,7 +280,7 @@ fn app(probe: Probe, outcomes: mpsc::UnboundedSender<Recorded>) -> Router {
                 )
                 .layer(ResponseTimeoutLayer::new(RESPONSE_TIMEOUT)),
         )
-        .with_state(probe)
+        .with_state(state)
 }
 
 async fn fast(State(probe): State<Probe>, Extension(gone): Extension<ClientGone>) -> &'static str {
@@ -195,6 +318,82 @@ async fn hang(State(probe): State<Probe>, Extension(gone): Extension<ClientGone>
     std::future::pending().await
 }
 
+/// Forwards the request to the upstream its path names and answers with what came back.
+async fn forward(
+    State(probe): State<Probe>,
+    State(gateway): State<Gateway>,
+    Extension(gone): Extension<ClientGone>,
+    request: Request,
+) -> Response {
+    let path = request.uri().path();
+    let Some((route, base)) = gateway.targets.iter().find(|(route, _)| *route == path) else {
+        return (StatusCode::NOT_FOUND, "no such upstream\n").into_response();
+    };
+    probe.send(Event::Started { route, gone });
+    // Forward this very request, not a new one: its extensions carry the exchange that
+    // `ClientDisconnectLayer` opened, so the upstream layers record into the same request (one
+    // span, one outcome) instead of opening their own.
+    let (mut parts, body) = request.into_parts();
+    parts.uri = base.clone();
+    // The connector speaks HTTP/1.1 whatever the client spoke; the client sets `Host` from the
+    // URI.
+    parts.version = Version::HTTP_11;
+    parts.headers.remove(header::HOST);
+    let response = gateway
+        .upstream
+        .oneshot(Request::from_parts(parts, body))
+        .await
+        .unwrap_or_else(|never: Infallible| match never {});
+    response.map(Body::new)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The upstreams: three sockets on loopback that each fail in their own way.
+// ---------------------------------------------------------------------------------------------
+
+/// The upstreams' addresses, and the sockets that make them behave: held for the whole demo.
+struct Upstreams {
+    blackhole: SocketAddr,
+    refused: SocketAddr,
+    silent: SocketAddr,
+    _held: (TcpListener, TcpStream, TcpSocket, TcpListener),
+}
+
+async fn start_upstreams() -> Result<Upstreams, String> {
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    let io = |what: &'static str| move |e: std::io::Error| format!("{what}: {e}");
+
+    // A black hole: an accept queue of length 0, filled by one connect that is never accepted.
+    // The kernel then drops every further SYN, so a connect hangs until someone gives up.
+    let socket = TcpSocket::new_v4().map_err(io("black hole socket"))?;
+    socket.bind(loopback).map_err(io("black hole bind"))?;
+    let full = socket.listen(0).map_err(io("black hole listen"))?;
+    let blackhole = full.local_addr().map_err(io("black hole address"))?;
+    let filler = timeout(WAIT, TcpStream::connect(blackhole))
+        .await
+        .map_err(|_| format!("the black hole's filler did not connect within {WAIT:?}"))?
+        .map_err(io("the black hole's filler"))?;
+
+    // Refused: a port that is bound (so nobody else gets it) but not listening.
+    let refusing = TcpSocket::new_v4().map_err(io("refusing socket"))?;
+    refusing.bind(loopback).map_err(io("refusing bind"))?;
+    let refused = refusing.local_addr().map_err(io("refusing address"))?;
+
+    // Silent: a listener with room in its backlog that never accepts. Connects succeed, the
+    // request is sent, and nothing ever answers.
+    let quiet = TcpListener::bind(loopback)
+        .await
+        .map_err(io("silent listener"))?;
+    let silent = quiet.local_addr().map_err(io("silent address"))?;
+
+    Ok(Upstreams {
+        blackhole,
+        refused,
+        silent,
+        _held: (full, filler, refusing, quiet),
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // The driver: plays the scenarios and compares.
 // ---------------------------------------------------------------------------------------------
@@ -217,6 +416,8 @@ struct Row {
 /// What the client part of a scenario observed.
 struct Seen {
     status: Option<http::StatusCode>,
+    /// The reason phrase on the status line.
+    reason: Option<String>,
     proxy_status: Option<String>,
     /// When the client closed its socket, for a client that leaves.
     left_at: Option<Instant>,
@@ -247,6 +448,12 @@ impl Driver {
                     "the client should have seen {}, it saw {}",
                     status_text(expect.client_status),
                     status_text(seen.status.map(|s| s.as_u16())),
+                ));
+            }
+            if seen.reason.as_deref() != expect.reason {
+                row.problems.push(format!(
+                    "the reason phrase should be {:?}, it was {:?}",
+                    expect.reason, seen.reason
                 ));
             }
             if seen.proxy_status.as_deref() != expect.proxy_status {
@@ -307,6 +514,12 @@ impl Driver {
                     .map_err(|_| format!("no response to GET {path} within {WAIT:?}"))?
                     .map_err(|e| format!("GET {path} failed: {e}"))?;
                 let status = response.status();
+                // hyper's client keeps a reason phrase that is not the status's canonical one
+                // (599 has none) in this extension.
+                let reason = match response.extensions().get::<ReasonPhrase>() {
+                    Some(reason) => Some(String::from_utf8_lossy(reason.as_bytes()).into_owned()),
+                    None => status.canonical_reason().map(str::to_owned),
+                };
                 let proxy_status = response
                     .headers()
                     .get(PROXY_STATUS)
@@ -316,7 +529,10 @@ impl Driver {
                     .await
                     .map_err(|_| format!("the body of GET {path} did not end within {WAIT:?}"))?
                     .map_err(|e| format!("reading the body of GET {path} failed: {e}"))?;
-                let mut text = status_text(Some(status.as_u16()));
+                let mut text = status.as_u16().to_string();
+                if let Some(reason) = &reason {
+                    text.push_str(&format!(" {reason}"));
+                }
                 if let Some(value) = &proxy_status {
                     text.push_str(&format!(", Proxy-Status: {value}"));
                 }
@@ -324,6 +540,7 @@ impl Driver {
                 Ok((
                     Seen {
                         status: Some(status),
+                        reason,
                         proxy_status,
                         left_at: None,
                         text,
@@ -351,6 +568,7 @@ impl Driver {
                 Ok((
                     Seen {
                         status: None,
+                        reason: None,
                         proxy_status: None,
                         left_at: Some(left_at),
                         text: format!("no response: it left while GET {path} ran"),
@@ -406,8 +624,9 @@ impl Recorded {
         let error_type = outcome
             .error_type()
             .map_or_else(String::new, |e| format!(" error.type={e}"));
+        let limit = limit_of(outcome).map_or_else(String::new, |l| format!(" limit={l:?}"));
         format!(
-            "{} ({status}){error_type} in {}",
+            "{} ({status}){error_type}{limit} in {}",
             outcome.kind(),
             ms(self.elapsed)
         )
@@ -436,7 +655,23 @@ impl Recorded {
                 outcome.error_type()
             ));
         }
+        if limit_of(outcome) != expect.limit {
+            problems.push(format!(
+                "the limit that fired should be {:?}, it was {:?}",
+                expect.limit,
+                limit_of(outcome)
+            ));
+        }
         problems
+    }
+}
+
+/// The limit a timeout outcome names.
+fn limit_of(outcome: &Outcome) -> Option<Duration> {
+    match outcome {
+        Outcome::ResponseTimeout { timeout, .. } => Some(*timeout),
+        Outcome::ConnectTimeout { timeout, .. } => *timeout,
+        _ => None,
     }
 }
 
@@ -464,15 +699,44 @@ async fn run() -> Result<Vec<Row>, String> {
     let addr = listener
         .local_addr()
         .map_err(|e| format!("no local address: {e}"))?;
-    let app = app(Probe { events: events_tx }, outcomes_tx);
+    let upstreams = start_upstreams().await?;
+    let base = |addr: SocketAddr| -> Result<Uri, String> {
+        format!("http://{addr}/")
+            .parse()
+            .map_err(|e| format!("bad upstream uri for {addr}: {e}"))
+    };
+    let gateway = Gateway {
+        upstream: upstream(),
+        targets: Arc::new([
+            ("/upstream/blackhole", base(upstreams.blackhole)?),
+            ("/upstream/refused", base(upstreams.refused)?),
+            ("/upstream/silent", base(upstreams.silent)?),
+        ]),
+    };
+    let state = AppState {
+        probe: Probe { events: events_tx },
+        gateway,
+    };
+    let app = app(state, outcomes_tx);
     tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
             eprintln!("server error: {error}");
         }
     });
     println!(
-        "axum on {addr}: ClientDisconnectLayer (outermost) + ResponseTimeoutLayer({} ms)\n",
+        "axum on {addr}: ClientDisconnectLayer (outermost) + ResponseTimeoutLayer({} ms)",
         RESPONSE_TIMEOUT.as_millis()
+    );
+    println!(
+        "/upstream/*: UpstreamFailureLayer + ResponseTimeoutLayer({} ms) + hyper-util Client, \
+         connector ConnectTimeoutLayer({} ms)",
+        UPSTREAM_RESPONSE_TIMEOUT.as_millis(),
+        UPSTREAM_CONNECT_TIMEOUT.as_millis()
+    );
+    println!(
+        "upstreams: black hole {} (accept queue full), refused {} (bound, not listening), \
+         silent {} (never accepts)\n",
+        upstreams.blackhole, upstreams.refused, upstreams.silent
     );
 
     let mut connector = HttpConnector::new();
@@ -487,6 +751,7 @@ async fn run() -> Result<Vec<Row>, String> {
     for scenario in SCENARIOS {
         rows.push(driver.play(scenario).await);
     }
+    drop(upstreams);
     Ok(rows)
 }
 

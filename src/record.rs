@@ -21,7 +21,7 @@
 
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -150,6 +150,7 @@ impl Recorder {
             request_details,
             recorder: self.clone(),
             finished: AtomicBool::new(false),
+            timeout_ms: AtomicU64::new(u64::MAX),
         });
         request.extensions_mut().insert(Scope(exchange.clone()));
         (exchange, true)
@@ -170,6 +171,8 @@ pub(crate) struct Exchange {
     request_details: Option<trace::RequestDetails>,
     recorder: Recorder,
     finished: AtomicBool,
+    /// The smallest time limit any layer applies to the request, in ms.
+    timeout_ms: AtomicU64,
 }
 
 impl fmt::Debug for Exchange {
@@ -186,6 +189,14 @@ impl fmt::Debug for Exchange {
 impl Exchange {
     pub(crate) fn span(&self) -> &Span {
         &self.span
+    }
+
+    /// Records a time limit a layer applies; the span shows the smallest, the one that binds.
+    pub(crate) fn record_timeout(&self, timeout: Duration) {
+        let ms = trace::duration_ms(timeout);
+        if ms < self.timeout_ms.fetch_min(ms, Ordering::AcqRel) {
+            self.span.record(trace::TIMEOUT_MS, ms);
+        }
     }
 
     pub(crate) fn is_finished(&self) -> bool {

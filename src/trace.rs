@@ -158,6 +158,15 @@ pub(crate) fn record_outcome(
     let error_type = outcome.error_type();
     if !span.is_disabled() {
         span.record(OUTCOME, outcome.kind());
+        // The limit that fired, which an earlier, looser limit may have hidden.
+        if let Outcome::ResponseTimeout { timeout, .. }
+        | Outcome::ConnectTimeout {
+            timeout: Some(timeout),
+            ..
+        } = outcome
+        {
+            span.record(TIMEOUT_MS, duration_ms(*timeout));
+        }
         span.record(ELAPSED_MS, elapsed_ms);
         if let Some(status) = outcome.sent_status() {
             span.record(HTTP_RESPONSE_STATUS_CODE, status.as_u16());
@@ -205,11 +214,6 @@ pub(crate) fn record_outcome(
         Level::WARN => emit!(Level::WARN),
         _ => emit!(Level::ERROR),
     }
-}
-
-/// Records the time limit that applies to the request.
-pub(crate) fn record_timeout(span: &Span, timeout: std::time::Duration) {
-    span.record(TIMEOUT_MS, duration_ms(timeout));
 }
 
 pub(crate) fn duration_ms(duration: std::time::Duration) -> u64 {

@@ -196,3 +196,25 @@ async fn without_record_in_current_span_ours_is_a_child_of_trace_layers() {
     assert_eq!(ours.len(), 1, "{spans:?}");
     assert_eq!(ours[0].parent_name.as_deref(), Some("request"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_span_shows_the_limit_that_binds() {
+    let (capture, _guard) = Capture::install();
+    let service = ServiceBuilder::new()
+        .layer(ClientDisconnectLayer::new())
+        .layer(ResponseTimeoutLayer::new(Duration::from_millis(150)))
+        .layer(ResponseTimeoutLayer::new(Duration::from_millis(300)))
+        .service(slow_or_fast());
+    let response = service.oneshot(get("/slow")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    drop(response);
+    let spans = capture.wait_spans(1).await;
+    assert_eq!(
+        spans[0].fields.get(trace::TIMEOUT_MS).map(String::as_str),
+        Some("150")
+    );
+    assert_eq!(
+        spans[0].fields.get(trace::ELAPSED_MS).map(String::as_str),
+        Some("150")
+    );
+}

@@ -60,7 +60,6 @@ use tower_service::Service;
 use crate::deadline::{Deadline, Limit};
 use crate::record::{Recorder, Share};
 use crate::response::{ResponseBody, ResponseConfig};
-use crate::trace;
 
 /// Configuration shared by a layer's services and their futures.
 #[derive(Clone, Debug)]
@@ -121,7 +120,7 @@ where
             None => Limit::After(self.config.timeout),
         };
         if let Some(timeout) = limit.timeout() {
-            trace::record_timeout(share.exchange().span(), timeout);
+            share.exchange().record_timeout(timeout);
         }
         let inner = share
             .exchange()
