@@ -46,7 +46,7 @@
 //! - **HTTP/1.1**, default settings (`axum::serve`, hyper-util's `auto::Builder`): only once
 //!   hyper has read the whole request. A GET, or a small body that arrived with the head, is
 //!   seen within a millisecond of the client's FIN or RST. A larger, partial or chunked request
-//!   body that the handler has not read, `Expect: 100-continue`, or a pipelined request behind it
+//!   body that the handler holds unread, `Expect: 100-continue`, or a pipelined request behind it
 //!   keeps hyper from looking, and the handler runs to its end (a handler reading the body gets
 //!   an error instead).
 //! - **HTTP/1.1 with `half_close(true)`**: never while a request is in flight; a body only at
