@@ -64,7 +64,8 @@ impl<'a> Report<'a> {
 ///
 /// Implemented for every `Fn(&Report<'_>) + Send + Sync + 'static` closure and, as a no-op, for
 /// `()`. A hook that panics is caught: the panic is reported as an ERROR event and the request
-/// and connection go on unharmed.
+/// and connection go on unharmed. (The one exception is Rust's own rule: a hook that panics
+/// while the inner service's panic unwinds, when that panic is the outcome, aborts the process.)
 pub trait OnOutcome: Send + Sync + 'static {
     /// Called once, when the request ends.
     fn on_outcome(&self, report: &Report<'_>);
@@ -288,25 +289,25 @@ impl Drop for Share {
 
 /// The builder methods of every layer that may own a request's recording.
 macro_rules! recorder_methods {
-    () => {
+    ($($recorder:ident).+) => {
         /// Calls `hook` once per request, when it ends. Used when this is the outermost of the
         /// crate's layers on the request, which records for all.
         pub fn on_outcome(mut self, hook: impl $crate::OnOutcome) -> Self {
-            self.config.recorder = self.config.recorder.on_outcome(hook);
+            self.$($recorder).+ = self.$($recorder).+.on_outcome(hook);
             self
         }
 
         /// The level of the event emitted for every outcome but a normal completion (default
         /// WARN).
         pub fn event_level(mut self, level: tracing::Level) -> Self {
-            self.config.recorder = self.config.recorder.event_level(level);
+            self.$($recorder).+ = self.$($recorder).+.event_level(level);
             self
         }
 
         /// Records into the span current at `call` instead of opening a `request` span. See
         /// [`trace`](crate::trace).
         pub fn record_in_current_span(mut self) -> Self {
-            self.config.recorder = self.config.recorder.record_in_current_span();
+            self.$($recorder).+ = self.$($recorder).+.record_in_current_span();
             self
         }
     };

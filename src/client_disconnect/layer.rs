@@ -1,8 +1,7 @@
 use tower_layer::Layer;
-use tracing::Level;
 
 use super::ClientDisconnect;
-use crate::record::{OnOutcome, Recorder};
+use crate::record::Recorder;
 
 /// Applies [`ClientDisconnect`] to a service. Put it outermost.
 ///
@@ -27,25 +26,7 @@ impl ClientDisconnectLayer {
         ClientDisconnectLayer::default()
     }
 
-    /// Calls `hook` once per request, when it ends (for a streamed body, at its end or when the
-    /// client leaves).
-    pub fn on_outcome(mut self, hook: impl OnOutcome) -> Self {
-        self.recorder = self.recorder.on_outcome(hook);
-        self
-    }
-
-    /// The level of the event emitted for every outcome but a normal completion (default WARN).
-    pub fn event_level(mut self, level: Level) -> Self {
-        self.recorder = self.recorder.event_level(level);
-        self
-    }
-
-    /// Records into the span current at `call` instead of opening a `request` span. See
-    /// [`trace`](crate::trace).
-    pub fn record_in_current_span(mut self) -> Self {
-        self.recorder = self.recorder.record_in_current_span();
-        self
-    }
+    crate::record::recorder_methods!(recorder);
 }
 
 impl<S> Layer<S> for ClientDisconnectLayer {

@@ -47,7 +47,7 @@ impl ResponseTimeoutLayer {
     }
 
     crate::response::response_methods!();
-    crate::record::recorder_methods!();
+    crate::record::recorder_methods!(config.recorder);
 
     pub(super) fn layer_service<S>(&self, inner: S) -> ResponseTimeout<S> {
         ResponseTimeout {

@@ -140,7 +140,7 @@ impl UpstreamFailureLayer {
     }
 
     crate::response::response_methods!();
-    crate::record::recorder_methods!();
+    crate::record::recorder_methods!(config.recorder);
 }
 
 impl<S> Layer<S> for UpstreamFailureLayer {
