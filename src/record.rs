@@ -30,6 +30,7 @@ use tokio::time::Instant;
 use tracing::{Level, Span};
 
 use crate::outcome::{Outcome, Phase};
+use crate::response::Generated;
 use crate::trace;
 
 /// What the [`on_outcome`](crate::ClientDisconnectLayer::on_outcome) hook is told when a
@@ -272,10 +273,20 @@ impl Share {
     pub(crate) fn head<B, E>(&self, result: &Result<http::Response<B>, E>) {
         if self.owner {
             self.exchange.finish(match result {
-                Ok(response) => Outcome::completed(response.status()),
+                Ok(response) => head_outcome(response),
                 Err(_) => Outcome::failed(Phase::BeforeHead, None),
             });
         }
+    }
+}
+
+/// The outcome of a response head: the one a [`Generated`] marker names (a response of ours
+/// that crossed into another request's exchange, as in a gateway that builds a new request),
+/// or a completion.
+pub(crate) fn head_outcome<B>(response: &http::Response<B>) -> Outcome {
+    match response.extensions().get::<Generated>() {
+        Some(generated) => generated.outcome().clone(),
+        None => Outcome::completed(response.status()),
     }
 }
 

@@ -8,7 +8,8 @@ use pin_project_lite::pin_project;
 
 use super::body::{DisconnectBody, Tracker};
 use crate::outcome::{Outcome, Phase};
-use crate::record::{Exchange, PanicGuard};
+use crate::record::{head_outcome, Exchange, PanicGuard};
+use crate::response::Generated;
 use crate::signal::ClientGone;
 
 pin_project! {
@@ -90,6 +91,11 @@ where
         };
         Poll::Ready(match result {
             Ok(response) => {
+                // A response of ours: its outcome is already the request's (or, made under
+                // another request's exchange, it is recorded here and now).
+                if response.extensions().get::<Generated>().is_some() {
+                    exchange.finish(head_outcome(&response));
+                }
                 let (parts, body) = response.into_parts();
                 let tracker = Tracker::new(exchange, gone, &parts, &body, *this.is_head);
                 Ok(Response::from_parts(

@@ -290,3 +290,26 @@ async fn a_body_read_to_its_end_is_recorded_at_the_end() {
         Poll::Ready(None)
     ));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_generated_response_from_a_fresh_request_keeps_its_outcome() {
+    // A handler that builds a new request for an inner stack (as a gateway may) loses the
+    // shared exchange; the marker still carries the outcome out.
+    let outcomes = Outcomes::default();
+    let upstream =
+        ResponseTimeoutLayer::new(Duration::from_millis(100)).layer(service_fn(|_: Request<()>| {
+            std::future::pending::<Result<Response<Empty<Bytes>>, Infallible>>()
+        }));
+    let service = ClientDisconnectLayer::new()
+        .on_outcome(outcomes.hook())
+        .layer(service_fn(move |_: Request<()>| {
+            upstream.clone().oneshot(Request::new(()))
+        }));
+    let response = service.oneshot(Request::new(())).await.unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    drop(response);
+    assert_eq!(
+        outcomes.one(),
+        Outcome::response_timeout(Duration::from_millis(100), StatusCode::GATEWAY_TIMEOUT)
+    );
+}

@@ -218,6 +218,9 @@ pub struct Captured {
     pub level: tracing::Level,
 }
 
+/// Keeps a [`Capture`] installed; see [`Capture::install`].
+pub struct CaptureGuard(tracing::subscriber::DefaultGuard, tracing::Dispatch);
+
 /// Captures closed `request` spans and the events emitted in them.
 #[derive(Clone, Default)]
 pub struct Capture {
@@ -227,11 +230,17 @@ pub struct Capture {
 
 impl Capture {
     /// Installs the capture as this thread's default subscriber (use a current-thread runtime).
-    pub fn install() -> (Capture, tracing::subscriber::DefaultGuard) {
+    ///
+    /// tracing caches a callsite's interest globally, and while only one dispatcher exists it
+    /// asks whichever thread reaches the callsite first: a parallel test on a thread with no
+    /// subscriber would then disable our spans for everyone. A second, inert dispatcher kept
+    /// alive with the guard makes tracing ask every time.
+    pub fn install() -> (Capture, CaptureGuard) {
         let capture = Capture::default();
         let subscriber = tracing_subscriber::registry().with(capture.clone());
         let guard = tracing::subscriber::set_default(subscriber);
-        (capture, guard)
+        let inert = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
+        (capture, CaptureGuard(guard, inert))
     }
 
     pub fn closed_spans(&self) -> Vec<Captured> {

@@ -1,2 +1,0 @@
-//! Checks that the shared test support compiles.
-mod common;
