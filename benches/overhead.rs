@@ -1,0 +1,521 @@
+//! Per-request overhead of the crate's layers, side by side with tower's and tower-http's.
+//!
+//! Run with: `cargo bench --bench overhead` (a few minutes on 2 cores). Add a filter to run part
+//! of it, e.g. `cargo bench --bench overhead -- current_thread/ready`.
+//!
+//! One criterion group per runtime flavour (current-thread, multi-thread with 2 workers) and
+//! inner behaviour (ready at its first poll; pending once, waking itself, then ready). In each
+//! group every row serves the same request the same way: `ready().await`, `call`, await the
+//! response, then finish the body as hyper finishes a `Full` body (poll frames until
+//! `is_end_stream()`) and drop it. The service is made once; the loop runs inside a spawned
+//! task, one per worker thread (so both workers of the multi-thread runtime are busy, as under
+//! load), timed from inside it, so the runtime's `block_on` and spawn are not measured. A row's
+//! time is per request and per worker.
+//!
+//! Rows:
+//! - `bare`: the inner `service_fn`-like service alone;
+//! - `tower_timeout`: `tower::timeout::Timeout`;
+//! - `tower_http_timeout`: `tower_http::timeout::TimeoutLayer::with_status_code(504, _)`;
+//! - `tower_http_on_early_drop`: tower-http's `OnEarlyDropLayer` with its documented recording
+//!   hook, `EarlyDropsAsFailures::new(DefaultOnFailure::new())`;
+//! - `tower_http_timeout_on_early_drop`: both tower-http layers, on-early-drop outermost;
+//! - `ours_response_timeout`, `ours_client_disconnect`, `ours_full_stack`
+//!   (`ClientDisconnectLayer` around `ResponseTimeoutLayer`), with no tracing subscriber;
+//! - `ours_full_stack_subscribed`: the full stack with a subscriber (a registry and a layer that
+//!   formats every field of every span and event into a byte counter) as the default;
+//! - `tower_http_trace_stack_subscribed`: for scale, tower-http's `TraceLayer` around its timeout
+//!   and on-early-drop layers, with the same subscriber.
+//!
+//! A last group, `pieces`, times what our layers pay for on each request alone (the clock, a
+//! request-extension insert, an `Arc`, the disabled span, a timer registered and cancelled, a
+//! registered timer re-armed), for the analysis of the rows.
+//!
+//! "No subscriber" is a global subscriber that is interested in nothing (see [`Off`]), so that
+//! the subscribed rows, which set theirs as a scoped default, leave nothing behind.
+//!
+//! The figures are only meaningful relative to each other, within one run: nothing asserts them.
+//! The dev-dependencies turn on tokio's `test-util`, which makes `tokio::time::Instant::now()`
+//! inside a runtime (ours, and the one in `tokio::time::sleep`) also lock the runtime's clock
+//! mutex; `pieces/tokio_instant_now` next to `pieces/std_instant_now` shows what that costs.
+
+// Wall-clock timing of the benchmark loop itself, not the runtime's (pausable) clock.
+#![allow(clippy::disallowed_types)]
+
+use std::cell::RefCell;
+use std::convert::Infallible;
+use std::fmt;
+use std::future::{poll_fn, Future};
+use std::hint::black_box;
+use std::pin::{pin, Pin};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
+use http::{Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{Empty, Full};
+use tokio::runtime::{Builder, Runtime};
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_http::on_early_drop::{EarlyDropsAsFailures, OnEarlyDropLayer};
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
+use tower_timeouts::{ClientDisconnectLayer, ResponseTimeoutLayer};
+use tracing::field::{Field, Visit};
+use tracing::level_filters::LevelFilter;
+use tracing::span::{Attributes, Id, Record};
+use tracing::subscriber::Interest;
+use tracing::{Dispatch, Event, Metadata, Subscriber};
+use tracing_subscriber::layer::{Context as LayerContext, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::Layer;
+
+/// Long enough never to fire: every row measures the path where the response wins.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+type ReqBody = Empty<Bytes>;
+type ResBody = Full<Bytes>;
+
+/// The inner service: answers a small `Full` body, at once or after one pending poll.
+#[derive(Clone, Copy, Debug)]
+struct Inner {
+    pending_once: bool,
+}
+
+impl<B> Service<Request<B>> for Inner {
+    type Response = Response<ResBody>;
+    type Error = Infallible;
+    type Future = PendingOnce<Result<Response<ResBody>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<B>) -> Self::Future {
+        PendingOnce {
+            value: Some(Ok(Response::new(Full::new(Bytes::from_static(
+                b"hello, world",
+            ))))),
+            pending: self.pending_once,
+        }
+    }
+}
+
+/// Ready at once, or pending once (after waking its task, so the task is scheduled again).
+#[derive(Debug)]
+struct PendingOnce<T> {
+    value: Option<T>,
+    pending: bool,
+}
+
+impl<T: Unpin> Future for PendingOnce<T> {
+    type Output = T;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        if self.pending {
+            self.pending = false;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        Poll::Ready(self.value.take().expect("polled after completion"))
+    }
+}
+
+/// One request, end to end, as a server would drive it.
+async fn serve_one<S, B>(service: &mut S)
+where
+    S: Service<Request<ReqBody>, Response = Response<B>>,
+    S::Error: fmt::Debug,
+    B: Body,
+{
+    let response = service
+        .ready()
+        .await
+        .expect("ready")
+        .call(Request::new(ReqBody::new()))
+        .await
+        .expect("response");
+    let (parts, body) = response.into_parts();
+    black_box(&parts);
+    // As hyper does for a `Full` body: frames until `is_end_stream()`, then drop.
+    let mut body = pin!(body);
+    while !body.is_end_stream() {
+        match poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+            Some(frame) => drop(black_box(frame.ok())),
+            None => break,
+        }
+    }
+}
+
+fn current_thread() -> Runtime {
+    Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+fn multi_thread(subscriber: Option<&Dispatch>) -> Runtime {
+    thread_local! {
+        static DEFAULT: RefCell<Option<tracing::subscriber::DefaultGuard>> =
+            const { RefCell::new(None) };
+    }
+    let mut builder = Builder::new_multi_thread();
+    builder.worker_threads(2).enable_all();
+    if let Some(dispatch) = subscriber {
+        // Each worker has the subscriber as its default for its whole life, and drops it when
+        // it stops, so that later rows run with no subscriber at all.
+        let dispatch = dispatch.clone();
+        builder
+            .on_thread_start(move || {
+                let guard = tracing::dispatcher::set_default(&dispatch);
+                DEFAULT.with(|default| *default.borrow_mut() = Some(guard));
+            })
+            .on_thread_stop(|| DEFAULT.with(|default| drop(default.borrow_mut().take())));
+    }
+    builder.build().unwrap()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Flavour {
+    CurrentThread,
+    MultiThread,
+}
+
+/// Adds one row: `iters` requests in a loop in one task per worker thread, each timed inside
+/// its task from a common start; the row's time is the slowest task's. On the multi-thread
+/// runtime both workers are busy, as in a server under load: an idle worker parked on the
+/// timer driver would be woken by timer registrations and scheduler notifications at a rate
+/// that depends on races, not on the layer being measured.
+fn row<S, B>(
+    group: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    rt: &Runtime,
+    name: &str,
+    service: S,
+) where
+    S: Service<Request<ReqBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: fmt::Debug,
+    B: Body + Send + 'static,
+{
+    let tasks = rt.metrics().num_workers();
+    group.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let start = Arc::new(tokio::sync::Barrier::new(tasks));
+            let loops: Vec<_> = (0..tasks)
+                .map(|_| {
+                    let mut service = service.clone();
+                    let start = start.clone();
+                    rt.spawn(async move {
+                        start.wait().await;
+                        let start = Instant::now();
+                        for _ in 0..iters {
+                            serve_one(&mut service).await;
+                        }
+                        start.elapsed()
+                    })
+                })
+                .collect();
+            rt.block_on(async {
+                let mut slowest = Duration::ZERO;
+                for handle in loops {
+                    slowest = slowest.max(handle.await.expect("bench task"));
+                }
+                slowest
+            })
+        })
+    });
+}
+
+/// A row run with `dispatch` as the default subscriber, on `rt`'s threads and this one.
+fn subscribed_row<S, B>(
+    group: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    flavour: Flavour,
+    dispatch: &Dispatch,
+    name: &str,
+    service: S,
+) where
+    S: Service<Request<ReqBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: fmt::Debug,
+    B: Body + Send + 'static,
+{
+    let rt = match flavour {
+        Flavour::CurrentThread => current_thread(),
+        Flavour::MultiThread => multi_thread(Some(dispatch)),
+    };
+    tracing::dispatcher::with_default(dispatch, || row(group, &rt, name, service));
+    drop(rt);
+}
+
+/// A subscriber that records every field of every span and event: a registry, and a layer
+/// that formats each value into a byte counter (so it pays for the values, not for a writer).
+fn subscriber() -> Dispatch {
+    Dispatch::new(tracing_subscriber::registry().with(FieldRecorder))
+}
+
+struct FieldRecorder;
+
+impl<S> Layer<S> for FieldRecorder
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, _: &Id, _: LayerContext<'_, S>) {
+        attrs.record(&mut Counter(0));
+    }
+
+    fn on_record(&self, _: &Id, values: &Record<'_>, _: LayerContext<'_, S>) {
+        values.record(&mut Counter(0));
+    }
+
+    fn on_event(&self, event: &Event<'_>, _: LayerContext<'_, S>) {
+        event.record(&mut Counter(0));
+    }
+}
+
+/// Counts the bytes of the formatted field names and values.
+struct Counter(usize);
+
+impl fmt::Write for Counter {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.0 += s.len();
+        Ok(())
+    }
+}
+
+impl Visit for Counter {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        use fmt::Write as _;
+        let _ = write!(self, "{}={value:?}", field.name());
+        black_box(self.0);
+    }
+}
+
+fn group(c: &mut Criterion, flavour: Flavour, pending_once: bool) {
+    let name = format!(
+        "{}/{}",
+        match flavour {
+            Flavour::CurrentThread => "current_thread",
+            Flavour::MultiThread => "multi_thread",
+        },
+        if pending_once {
+            "pending_once"
+        } else {
+            "ready"
+        }
+    );
+    let rt = match flavour {
+        Flavour::CurrentThread => current_thread(),
+        Flavour::MultiThread => multi_thread(None),
+    };
+    let inner = Inner { pending_once };
+    let on_early_drop =
+        || OnEarlyDropLayer::new(EarlyDropsAsFailures::new(DefaultOnFailure::new()));
+    let tower_http_timeout = || {
+        tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::GATEWAY_TIMEOUT, TIMEOUT)
+    };
+    let ours_full_stack = || {
+        ServiceBuilder::new()
+            .layer(ClientDisconnectLayer::new())
+            .layer(ResponseTimeoutLayer::new(TIMEOUT))
+            .service(inner)
+    };
+
+    // The subscribed rows of the previous group must not leave their interest cached.
+    tracing::callsite::rebuild_interest_cache();
+    assert_eq!(
+        LevelFilter::current(),
+        LevelFilter::OFF,
+        "a subscriber is still in place"
+    );
+
+    let mut group = c.benchmark_group(name);
+    row(&mut group, &rt, "bare", inner);
+    row(
+        &mut group,
+        &rt,
+        "tower_timeout",
+        ServiceBuilder::new()
+            .layer(tower::timeout::TimeoutLayer::new(TIMEOUT))
+            .service(inner),
+    );
+    row(
+        &mut group,
+        &rt,
+        "tower_http_timeout",
+        ServiceBuilder::new()
+            .layer(tower_http_timeout())
+            .service(inner),
+    );
+    row(
+        &mut group,
+        &rt,
+        "tower_http_on_early_drop",
+        ServiceBuilder::new().layer(on_early_drop()).service(inner),
+    );
+    row(
+        &mut group,
+        &rt,
+        "tower_http_timeout_on_early_drop",
+        ServiceBuilder::new()
+            .layer(on_early_drop())
+            .layer(tower_http_timeout())
+            .service(inner),
+    );
+    row(
+        &mut group,
+        &rt,
+        "ours_response_timeout",
+        ServiceBuilder::new()
+            .layer(ResponseTimeoutLayer::new(TIMEOUT))
+            .service(inner),
+    );
+    row(
+        &mut group,
+        &rt,
+        "ours_client_disconnect",
+        ServiceBuilder::new()
+            .layer(ClientDisconnectLayer::new())
+            .service(inner),
+    );
+    row(&mut group, &rt, "ours_full_stack", ours_full_stack());
+
+    let dispatch = subscriber();
+    subscribed_row(
+        &mut group,
+        flavour,
+        &dispatch,
+        "ours_full_stack_subscribed",
+        ours_full_stack(),
+    );
+    subscribed_row(
+        &mut group,
+        flavour,
+        &dispatch,
+        "tower_http_trace_stack_subscribed",
+        ServiceBuilder::new()
+            .layer(TraceLayer::new_for_http())
+            .layer(on_early_drop())
+            .layer(tower_http_timeout())
+            .service(inner),
+    );
+    group.finish();
+    drop(dispatch);
+}
+
+/// Stands in for "no subscriber" in a process that also runs subscribed rows: a process that
+/// never sets a subscriber has every callsite's interest "never" and the max level OFF; this
+/// global default keeps it so once the scoped subscribers of the subscribed rows are gone.
+/// (`NoSubscriber` does not do: with no level hint, a rebuild sets the max level to TRACE.)
+struct Off;
+
+impl Subscriber for Off {
+    fn register_callsite(&self, _: &'static Metadata<'static>) -> Interest {
+        Interest::never()
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Some(LevelFilter::OFF)
+    }
+
+    fn enabled(&self, _: &Metadata<'_>) -> bool {
+        false
+    }
+
+    fn new_span(&self, _: &Attributes<'_>) -> Id {
+        Id::from_u64(0xDEAD)
+    }
+
+    fn record(&self, _: &Id, _: &Record<'_>) {}
+
+    fn record_follows_from(&self, _: &Id, _: &Id) {}
+
+    fn event(&self, _: &Event<'_>) {}
+
+    fn enter(&self, _: &Id) {}
+
+    fn exit(&self, _: &Id) {}
+}
+
+/// The pieces our layers pay for on every request, alone, for the analysis of the rows above.
+/// Run inside a current-thread runtime's context, as the layers are.
+fn pieces(c: &mut Criterion) {
+    // Pointer-sized, as the crate's `Scope(Arc<Exchange>)` and `ClientGone` are.
+    #[derive(Clone)]
+    struct First(#[allow(dead_code)] u64);
+    #[derive(Clone)]
+    struct Second(#[allow(dead_code)] u64);
+
+    let rt = current_thread();
+    let _context = rt.enter();
+    let request = || Request::new(ReqBody::new());
+    let mut group = c.benchmark_group("pieces");
+    group.bench_function("tokio_instant_now", |b| b.iter(tokio::time::Instant::now));
+    group.bench_function("std_instant_now", |b| b.iter(Instant::now));
+    group.bench_function("request_new_drop", |b| b.iter(|| black_box(request())));
+    group.bench_function("request_one_extension", |b| {
+        b.iter(|| {
+            let mut request = request();
+            request.extensions_mut().insert(First(0));
+            black_box(request)
+        })
+    });
+    group.bench_function("request_two_extensions", |b| {
+        b.iter(|| {
+            let mut request = request();
+            request.extensions_mut().insert(First(0));
+            request.extensions_mut().insert(Second(0));
+            black_box(request)
+        })
+    });
+    group.bench_function("arc_new_drop_280_bytes", |b| {
+        b.iter(|| black_box(std::sync::Arc::new(black_box([0u8; 280]))))
+    });
+    group.bench_function("client_gone_new_drop", |b| {
+        b.iter(|| black_box(tower_timeouts::ClientGone::default()))
+    });
+    group.bench_function("make_span_no_subscriber", |b| {
+        let request = request();
+        b.iter(|| black_box(tower_timeouts::trace::make_span(black_box(&request))))
+    });
+    group.bench_function("sleep_create_drop", |b| {
+        b.iter(|| black_box(tokio::time::sleep(TIMEOUT)))
+    });
+    // The timer work of a response that is pending once: register at the first pending poll,
+    // cancel at drop (what `tower::timeout` does then, and we do).
+    let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+    group.bench_function("sleep_create_register_cancel", |b| {
+        b.iter(|| {
+            let mut sleep = pin!(tokio::time::sleep(TIMEOUT));
+            let _ = black_box(sleep.as_mut().poll(&mut cx));
+        })
+    });
+    // Re-arming a `Sleep` that is still registered, to a later deadline: tokio only extends
+    // the entry's deadline (one CAS), with no timer-wheel work.
+    group.bench_function("sleep_reset_registered_later", |b| {
+        let mut sleep = Box::pin(tokio::time::sleep(TIMEOUT));
+        let _ = sleep.as_mut().poll(&mut cx);
+        b.iter(|| {
+            sleep.as_mut().reset(tokio::time::Instant::now() + TIMEOUT);
+            let _ = black_box(sleep.as_mut().poll(&mut cx));
+        })
+    });
+    group.finish();
+}
+
+fn overhead(c: &mut Criterion) {
+    tracing::dispatcher::set_global_default(Dispatch::new(Off)).expect("no global subscriber yet");
+    for flavour in [Flavour::CurrentThread, Flavour::MultiThread] {
+        for pending_once in [false, true] {
+            group(c, flavour, pending_once);
+        }
+    }
+    tracing::callsite::rebuild_interest_cache();
+    pieces(c);
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(50);
+    targets = overhead
+}
+criterion_main!(benches);
