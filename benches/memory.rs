@@ -12,31 +12,26 @@
 //! they add to it. The rows with no subscriber run first, in a process that has never set one
 //! (every callsite's interest "never", max level OFF).
 
+mod support;
+
 use std::alloc::System;
 use std::convert::Infallible;
 use std::fmt;
-use std::future::{poll_fn, ready, Future, Ready};
+use std::future::{ready, Ready};
 use std::hint::black_box;
-use std::pin::{pin, Pin};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body::Body;
-use http_body_util::{Empty, Full};
+use http_body_util::Full;
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
-use tower::{Service, ServiceBuilder, ServiceExt};
+use support::{serve_one, subscriber, PendingOnce, ReqBody};
+use tower::{Service, ServiceBuilder};
 use tower_http::on_early_drop::{EarlyDropsAsFailures, OnEarlyDropLayer};
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tower_timeouts::{ClientDisconnectLayer, ClientGone, ResponseTimeoutLayer};
-use tracing::field::{Field, Visit};
 use tracing::level_filters::LevelFilter;
-use tracing::span::{Attributes, Id, Record};
-use tracing::{Dispatch, Event, Subscriber};
-use tracing_subscriber::layer::{Context as LayerContext, SubscriberExt};
-use tracing_subscriber::registry::LookupSpan;
-use tracing_subscriber::Layer;
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
@@ -45,7 +40,6 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 const WARM_UP: u64 = 1_000;
 const REQUESTS: u64 = 10_000;
 
-type ReqBody = Empty<Bytes>;
 type ResBody = Full<Bytes>;
 type InnerFuture = Ready<Result<Response<ResBody>, Infallible>>;
 
@@ -78,49 +72,6 @@ fn inner_pending_once() -> impl Service<
         value: Some(Ok(response())),
         pending: true,
     })
-}
-
-struct PendingOnce<T> {
-    value: Option<T>,
-    pending: bool,
-}
-
-impl<T: Unpin> Future for PendingOnce<T> {
-    type Output = T;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
-        if self.pending {
-            self.pending = false;
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
-        }
-        Poll::Ready(self.value.take().expect("polled after completion"))
-    }
-}
-
-/// One request, end to end, as a server would drive it.
-async fn serve_one<S, B>(service: &mut S)
-where
-    S: Service<Request<ReqBody>, Response = Response<B>>,
-    S::Error: fmt::Debug,
-    B: Body,
-{
-    let response = service
-        .ready()
-        .await
-        .expect("ready")
-        .call(Request::new(ReqBody::new()))
-        .await
-        .expect("response");
-    let (parts, body) = response.into_parts();
-    black_box(&parts);
-    let mut body = pin!(body);
-    while !body.is_end_stream() {
-        match poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
-            Some(frame) => drop(black_box(frame.ok())),
-            None => break,
-        }
-    }
 }
 
 /// Allocations, frees and bytes allocated per request.
@@ -189,47 +140,6 @@ where
     S: Service<Request<ReqBody>, Response = Response<B>>,
 {
     std::mem::size_of::<B>()
-}
-
-/// A subscriber that records every field of every span and event (as in `benches/overhead.rs`).
-fn subscriber() -> Dispatch {
-    Dispatch::new(tracing_subscriber::registry().with(FieldRecorder))
-}
-
-struct FieldRecorder;
-
-impl<S> Layer<S> for FieldRecorder
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-{
-    fn on_new_span(&self, attrs: &Attributes<'_>, _: &Id, _: LayerContext<'_, S>) {
-        attrs.record(&mut Counter(0));
-    }
-
-    fn on_record(&self, _: &Id, values: &Record<'_>, _: LayerContext<'_, S>) {
-        values.record(&mut Counter(0));
-    }
-
-    fn on_event(&self, event: &Event<'_>, _: LayerContext<'_, S>) {
-        event.record(&mut Counter(0));
-    }
-}
-
-struct Counter(usize);
-
-impl fmt::Write for Counter {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        self.0 += s.len();
-        Ok(())
-    }
-}
-
-impl Visit for Counter {
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        use fmt::Write as _;
-        let _ = write!(self, "{}={value:?}", field.name());
-        black_box(self.0);
-    }
 }
 
 /// Calls `$row!(name, |inner| service)` for every stack, the subscribed ones last.

@@ -41,12 +41,14 @@
 // Wall-clock timing of the benchmark loop itself, not the runtime's (pausable) clock.
 #![allow(clippy::disallowed_types)]
 
+mod support;
+
 use std::cell::RefCell;
 use std::convert::Infallible;
 use std::fmt;
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::hint::black_box;
-use std::pin::{pin, Pin};
+use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -55,25 +57,21 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
 use http::{Request, Response, StatusCode};
 use http_body::Body;
-use http_body_util::{Empty, Full};
+use http_body_util::Full;
+use support::{serve_one, subscriber, PendingOnce, ReqBody};
 use tokio::runtime::{Builder, Runtime};
-use tower::{Service, ServiceBuilder, ServiceExt};
+use tower::{Service, ServiceBuilder};
 use tower_http::on_early_drop::{EarlyDropsAsFailures, OnEarlyDropLayer};
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tower_timeouts::{ClientDisconnectLayer, ResponseTimeoutLayer};
-use tracing::field::{Field, Visit};
 use tracing::level_filters::LevelFilter;
 use tracing::span::{Attributes, Id, Record};
 use tracing::subscriber::Interest;
 use tracing::{Dispatch, Event, Metadata, Subscriber};
-use tracing_subscriber::layer::{Context as LayerContext, SubscriberExt};
-use tracing_subscriber::registry::LookupSpan;
-use tracing_subscriber::Layer;
 
 /// Long enough never to fire: every row measures the path where the response wins.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-type ReqBody = Empty<Bytes>;
 type ResBody = Full<Bytes>;
 
 /// The inner service: answers a small `Full` body, at once or after one pending poll.
@@ -97,52 +95,6 @@ impl<B> Service<Request<B>> for Inner {
                 b"hello, world",
             ))))),
             pending: self.pending_once,
-        }
-    }
-}
-
-/// Ready at once, or pending once (after waking its task, so the task is scheduled again).
-#[derive(Debug)]
-struct PendingOnce<T> {
-    value: Option<T>,
-    pending: bool,
-}
-
-impl<T: Unpin> Future for PendingOnce<T> {
-    type Output = T;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
-        if self.pending {
-            self.pending = false;
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
-        }
-        Poll::Ready(self.value.take().expect("polled after completion"))
-    }
-}
-
-/// One request, end to end, as a server would drive it.
-async fn serve_one<S, B>(service: &mut S)
-where
-    S: Service<Request<ReqBody>, Response = Response<B>>,
-    S::Error: fmt::Debug,
-    B: Body,
-{
-    let response = service
-        .ready()
-        .await
-        .expect("ready")
-        .call(Request::new(ReqBody::new()))
-        .await
-        .expect("response");
-    let (parts, body) = response.into_parts();
-    black_box(&parts);
-    // As hyper does for a `Full` body: frames until `is_end_stream()`, then drop.
-    let mut body = pin!(body);
-    while !body.is_end_stream() {
-        match poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
-            Some(frame) => drop(black_box(frame.ok())),
-            None => break,
         }
     }
 }
@@ -242,49 +194,6 @@ fn subscribed_row<S, B>(
     };
     tracing::dispatcher::with_default(dispatch, || row(group, &rt, name, service));
     drop(rt);
-}
-
-/// A subscriber that records every field of every span and event: a registry, and a layer
-/// that formats each value into a byte counter (so it pays for the values, not for a writer).
-fn subscriber() -> Dispatch {
-    Dispatch::new(tracing_subscriber::registry().with(FieldRecorder))
-}
-
-struct FieldRecorder;
-
-impl<S> Layer<S> for FieldRecorder
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-{
-    fn on_new_span(&self, attrs: &Attributes<'_>, _: &Id, _: LayerContext<'_, S>) {
-        attrs.record(&mut Counter(0));
-    }
-
-    fn on_record(&self, _: &Id, values: &Record<'_>, _: LayerContext<'_, S>) {
-        values.record(&mut Counter(0));
-    }
-
-    fn on_event(&self, event: &Event<'_>, _: LayerContext<'_, S>) {
-        event.record(&mut Counter(0));
-    }
-}
-
-/// Counts the bytes of the formatted field names and values.
-struct Counter(usize);
-
-impl fmt::Write for Counter {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        self.0 += s.len();
-        Ok(())
-    }
-}
-
-impl Visit for Counter {
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        use fmt::Write as _;
-        let _ = write!(self, "{}={value:?}", field.name());
-        black_box(self.0);
-    }
 }
 
 fn group(c: &mut Criterion, flavour: Flavour, pending_once: bool) {
