@@ -25,7 +25,7 @@ use axum::body::Body;
 use axum::extract::{FromRef, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Extension, Router};
+use axum::Router;
 use bytes::Bytes;
 use http::{header, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Empty};
@@ -283,7 +283,8 @@ fn app(state: AppState, outcomes: mpsc::UnboundedSender<Recorded>) -> Router {
         .with_state(state)
 }
 
-async fn fast(State(probe): State<Probe>, Extension(gone): Extension<ClientGone>) -> &'static str {
+async fn fast(State(probe): State<Probe>) -> &'static str {
+    let gone = ClientGone::current().expect("under ClientDisconnectLayer");
     probe.send(Event::Started {
         route: "/fast",
         gone,
@@ -291,7 +292,8 @@ async fn fast(State(probe): State<Probe>, Extension(gone): Extension<ClientGone>
     "fast\n"
 }
 
-async fn slow(State(probe): State<Probe>, Extension(gone): Extension<ClientGone>) -> &'static str {
+async fn slow(State(probe): State<Probe>) -> &'static str {
+    let gone = ClientGone::current().expect("under ClientDisconnectLayer");
     probe.send(Event::Started {
         route: "/slow",
         gone,
@@ -300,7 +302,8 @@ async fn slow(State(probe): State<Probe>, Extension(gone): Extension<ClientGone>
     "slow\n"
 }
 
-async fn hang(State(probe): State<Probe>, Extension(gone): Extension<ClientGone>) -> &'static str {
+async fn hang(State(probe): State<Probe>) -> &'static str {
+    let gone = ClientGone::current().expect("under ClientDisconnectLayer");
     // This handler's own future is dropped when its client leaves; work it spawned is not, so
     // that work watches the signal and stops itself.
     let work = probe.clone();
@@ -322,9 +325,9 @@ async fn hang(State(probe): State<Probe>, Extension(gone): Extension<ClientGone>
 async fn forward(
     State(probe): State<Probe>,
     State(gateway): State<Gateway>,
-    Extension(gone): Extension<ClientGone>,
     request: Request,
 ) -> Response {
+    let gone = ClientGone::current().expect("under ClientDisconnectLayer");
     let path = request.uri().path();
     let Some((route, base)) = gateway.targets.iter().find(|(route, _)| *route == path) else {
         return (StatusCode::NOT_FOUND, "no such upstream\n").into_response();

@@ -9,7 +9,7 @@
 //! ```text
 //! ClientDisconnectLayer          outermost: opens the request's span, records one outcome per
 //!                                request (a 499 when the client leaves) and calls the hook
-//!   axum Router, fallback proxy  rewrites the URI, keeps the request's extensions
+//!   axum Router, fallback proxy  rewrites the URI and forwards the request
 //!     UpstreamFailureLayer       the client's errors become responses: 599 for a connect
 //!                                timeout, 502 for a refused connection, …
 //!       ResponseTimeoutLayer     no response head in time: 504
@@ -67,9 +67,9 @@ struct Gateway {
     base: Uri, // the upstream's scheme and authority
 }
 
-/// Forwards one request. The request's extensions travel with it: they carry the exchange
-/// `ClientDisconnectLayer` opened, so the upstream layers record into the same request (one
-/// span, one outcome) instead of opening their own.
+/// Forwards one request. The upstream layers, called while `ClientDisconnectLayer` handles the
+/// request, record into no span of their own: a response they generate carries its outcome back
+/// to `ClientDisconnectLayer`, which records the request's one outcome in its span.
 async fn proxy(State(gateway): State<Gateway>, request: Request) -> Response<Body> {
     let (mut parts, body) = request.into_parts();
     let path = parts.uri.path_and_query().cloned();

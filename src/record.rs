@@ -20,12 +20,15 @@
 //! ```
 
 use std::fmt;
+use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{Method, Request};
+use http::{Method, Request, StatusCode};
 use tokio::time::Instant;
 use tracing::{Level, Span};
 
@@ -129,154 +132,251 @@ impl Recorder {
         self
     }
 
-    /// Joins the exchange an outer layer of the crate opened for this request, or opens one and
-    /// puts it into the request's extensions for the layers inside. Returns the exchange and
-    /// whether this layer opened it (and so owns the recording).
-    pub(crate) fn join<B>(&self, request: &mut Request<B>) -> (Arc<Exchange>, bool) {
-        if let Some(Scope(exchange)) = request.extensions().get::<Scope>() {
-            return (exchange.clone(), false);
-        }
-        let span = if self.current_span {
-            Span::current()
-        } else {
-            trace::make_span(request)
+    /// Calls the inner service with `call`, as a layer that joins the exchange an outer layer
+    /// of the crate opened for this request (when that layer is calling in, on this thread),
+    /// or as the owner of a new one. `timeout` is the limit this layer applies, for the span.
+    pub(crate) fn call<B, T>(
+        &self,
+        request: Request<B>,
+        timeout: Option<Duration>,
+        call: impl FnOnce(Request<B>) -> T,
+    ) -> (Share, T) {
+        let exchange = match context::join(timeout) {
+            context::Role::Joined => return (Share { exchange: None }, call(request)),
+            context::Role::Owner { nested } => Exchange::open(self, &request, nested),
         };
-        // The event names the request itself only when the span that would is off.
-        let request_details = (span.is_disabled()
-            && tracing::level_filters::LevelFilter::current() >= self.level)
-            .then(|| trace::RequestDetails::of(request));
-        let exchange = Arc::new(Exchange {
-            span,
-            start: Instant::now(),
-            method: request.method().clone(),
-            request_details,
-            recorder: self.clone(),
-            finished: AtomicBool::new(false),
-            timeout_ms: AtomicU64::new(u64::MAX),
-        });
-        request.extensions_mut().insert(Scope(exchange.clone()));
-        (exchange, true)
+        let calling = context::Calling::enter();
+        let output = match &exchange.watchers {
+            Some(watchers) => watchers.span.in_scope(|| call(request)),
+            None => call(request),
+        };
+        let joined_ms = calling.leave();
+        if let Some(watchers) = &exchange.watchers {
+            let own_ms = timeout.map_or(u64::MAX, trace::duration_ms);
+            let ms = own_ms.min(joined_ms);
+            if ms != u64::MAX && !watchers.span.is_disabled() {
+                watchers.span.record(trace::TIMEOUT_MS, ms);
+            }
+        }
+        let share = Share {
+            exchange: Some(exchange),
+        };
+        (share, output)
     }
 }
 
-/// The crate's per-request state, shared by all of the crate's layers on one request.
-#[derive(Clone)]
-struct Scope(Arc<Exchange>);
-
-/// One request's recording state. The first layer to [`finish`](Exchange::finish) it decides
-/// the outcome; every later attempt is ignored, which is what makes "exactly one outcome per
-/// request" hold whatever the layer order and however futures and bodies are dropped.
+/// One request's recording state, owned by the outermost of the crate's layers on the request
+/// (in its response future, then, for a [`ClientDisconnect`](crate::ClientDisconnect), in its
+/// body). The first [`finish`](Exchange::finish) decides the outcome; every later one is
+/// ignored, which is what makes "exactly one outcome per request" hold whatever the layer
+/// order and however futures and bodies are dropped.
 pub(crate) struct Exchange {
+    /// What is needed to show the outcome, made only when someone will see it: with no
+    /// subscriber interested, no hook and no event enabled, the exchange is a flag.
+    watchers: Option<Box<Watchers>>,
+    // An atomic (not a cell) only so that futures and bodies stay `Sync`; there is one owner.
+    finished: AtomicBool,
+}
+
+struct Watchers {
     span: Span,
     start: Instant,
-    method: Method,
-    request_details: Option<trace::RequestDetails>,
-    recorder: Recorder,
-    finished: AtomicBool,
-    /// The smallest time limit any layer applies to the request, in ms.
-    timeout_ms: AtomicU64,
+    hook: Option<(Arc<dyn OnOutcome>, Method)>,
+    /// The request, for an event whose span is off.
+    details: Option<Box<trace::RequestDetails>>,
+    /// The outcome event's level; `None` when no event could be seen.
+    level: Option<Level>,
 }
 
 impl fmt::Debug for Exchange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let watchers = self.watchers.as_deref();
         f.debug_struct("Exchange")
-            .field("span", &self.span)
-            .field("start", &self.start)
-            .field("method", &self.method)
+            .field("span", &watchers.map(|w| &w.span))
+            .field("start", &watchers.map(|w| w.start))
             .field("finished", &self.is_finished())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
 impl Exchange {
-    pub(crate) fn span(&self) -> &Span {
-        &self.span
-    }
-
-    /// Records a time limit a layer applies; the span shows the smallest, the one that binds.
-    pub(crate) fn record_timeout(&self, timeout: Duration) {
-        let ms = trace::duration_ms(timeout);
-        if ms < self.timeout_ms.fetch_min(ms, Ordering::AcqRel) {
-            self.span.record(trace::TIMEOUT_MS, ms);
+    /// Opens the exchange of a request; `nested` when it is made while another request's
+    /// exchange polls (a gateway's call upstream): that one has the span and the event, and
+    /// this one records into neither.
+    fn open<B>(recorder: &Recorder, request: &Request<B>, nested: bool) -> Self {
+        let span = if nested {
+            Span::none()
+        } else if recorder.current_span {
+            Span::current()
+        } else {
+            trace::make_span(request)
+        };
+        // Whether an outcome event could be seen (the cheap, global check).
+        let level = (!nested && tracing::level_filters::LevelFilter::current() >= recorder.level)
+            .then_some(recorder.level);
+        let watchers =
+            (level.is_some() || recorder.hook.is_some() || !span.is_disabled()).then(|| {
+                Box::new(Watchers {
+                    start: Instant::now(),
+                    hook: recorder
+                        .hook
+                        .as_ref()
+                        .map(|hook| (hook.clone(), request.method().clone())),
+                    // The event names the request itself only when the span that would is off.
+                    details: (level.is_some() && span.is_disabled())
+                        .then(|| Box::new(trace::RequestDetails::of(request))),
+                    level,
+                    span,
+                })
+            });
+        Exchange {
+            watchers,
+            finished: AtomicBool::new(false),
         }
     }
 
     pub(crate) fn is_finished(&self) -> bool {
-        self.finished.load(Ordering::Acquire)
+        self.finished.load(Ordering::Relaxed)
     }
 
     /// Records `outcome` if no outcome was recorded yet; returns whether it was.
     pub(crate) fn finish(&self, outcome: Outcome) -> bool {
-        if self.finished.swap(true, Ordering::AcqRel) {
+        if self.is_finished() {
             return false;
         }
+        self.finished.store(true, Ordering::Relaxed);
+        if let Some(watchers) = &self.watchers {
+            watchers.record(&outcome);
+        }
+        true
+    }
+
+    fn span(&self) -> Option<&Span> {
+        self.watchers.as_ref().map(|watchers| &watchers.span)
+    }
+
+    /// Polls `inner` in the span, recording a panic as the outcome, and the outcome a layer
+    /// inside decided.
+    fn poll<F: Future>(&self, inner: Pin<&mut F>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let _entered = self.span().map(Span::enter);
+        self.guarded(Phase::BeforeHead, None, || self.inside(|| inner.poll(cx)))
+    }
+
+    /// Runs `f` (a poll of wrapped code), recording a panic in it as the outcome.
+    pub(crate) fn guarded<T>(
+        &self,
+        phase: Phase,
+        sent_status: Option<StatusCode>,
+        f: impl FnOnce() -> T,
+    ) -> T {
+        let guard = PanicGuard {
+            exchange: self,
+            phase,
+            sent_status,
+        };
+        let output = f();
+        // Not panicking: nothing to record.
+        std::mem::forget(guard);
+        output
+    }
+
+    /// Runs `f` (a poll or a drop of the inner future), and records the outcome a layer
+    /// inside decided, if one did.
+    fn inside<T>(&self, f: impl FnOnce() -> T) -> T {
+        let polling = context::Polling::enter(self.is_finished());
+        let output = f();
+        if let Some(outcome) = polling.leave() {
+            self.finish(outcome);
+        }
+        output
+    }
+}
+
+impl Watchers {
+    fn record(&self, outcome: &Outcome) {
         let elapsed = self.start.elapsed();
         trace::record_outcome(
             &self.span,
-            self.recorder.level,
-            &outcome,
+            self.level,
+            outcome,
             trace::duration_ms(elapsed),
-            self.request_details.as_ref(),
+            self.details.as_deref(),
         );
-        if let Some(hook) = &self.recorder.hook {
+        if let Some((hook, method)) = &self.hook {
             let report = Report {
-                outcome: &outcome,
-                method: &self.method,
+                outcome,
+                method,
                 elapsed,
             };
             if catch_unwind(AssertUnwindSafe(|| hook.on_outcome(&report))).is_err() {
                 tracing::error!(parent: &self.span, "tower-timeouts: the on_outcome hook panicked");
             }
         }
-        true
     }
 }
 
-/// A layer's share in a request's exchange, for the layers whose part ends with the response
-/// head ([`ResponseTimeout`](crate::ResponseTimeout),
-/// [`UpstreamFailure`](crate::UpstreamFailure)). The owner records a normal head or an error
-/// itself, and a future dropped before either as [`Outcome::Dropped`].
+/// A layer's share in a request's exchange: the exchange itself for the owner (the outermost
+/// of the crate's layers), nothing for a layer that joined it.
 #[derive(Debug)]
 pub(crate) struct Share {
-    exchange: Arc<Exchange>,
-    owner: bool,
+    exchange: Option<Exchange>,
 }
 
 impl Share {
-    pub(crate) fn join<B>(recorder: &Recorder, request: &mut Request<B>) -> Self {
-        let (exchange, owner) = recorder.join(request);
-        Share { exchange, owner }
-    }
-
-    pub(crate) fn exchange(&self) -> &Exchange {
-        &self.exchange
-    }
-
-    /// Enters the span while the owner polls, so that the inner service's events are in it.
-    pub(crate) fn enter(&self) -> Option<tracing::span::Entered<'_>> {
-        self.owner.then(|| self.exchange.span.enter())
-    }
-
-    /// Polls `inner`, recording a panic as the outcome.
-    pub(crate) fn poll<F: std::future::Future>(
+    /// Polls `inner`; as the owner, in the span and recording a panic as the outcome.
+    pub(crate) fn poll<F: Future>(
         &self,
-        inner: std::pin::Pin<&mut F>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<F::Output> {
-        let guard = PanicGuard::new(&self.exchange, Outcome::panicked(Phase::BeforeHead, None));
-        let polled = inner.poll(cx);
-        guard.disarm();
-        polled
+        inner: Pin<&mut F>,
+        cx: &mut Context<'_>,
+    ) -> Poll<F::Output> {
+        match &self.exchange {
+            Some(exchange) => exchange.poll(inner, cx),
+            None => inner.poll(cx),
+        }
+    }
+
+    /// Drops the inner future with `drop`, so that the layers inside that joined find this
+    /// request's outcome (or their own decision recorded).
+    pub(crate) fn drop_inner(&self, drop: impl FnOnce()) {
+        match &self.exchange {
+            Some(exchange) => {
+                let _entered = exchange.span().map(Span::enter);
+                exchange.inside(drop);
+            }
+            None => drop(),
+        }
+    }
+
+    /// Records an outcome this layer decided (a timeout, an upstream failure, a client gone),
+    /// before it drops the inner future; returns whether it is the request's outcome.
+    pub(crate) fn decide(&self, outcome: Outcome) -> bool {
+        match &self.exchange {
+            Some(exchange) => exchange.finish(outcome),
+            None => context::report(outcome),
+        }
     }
 
     /// The inner service produced a head (or an error): the owner records it.
     pub(crate) fn head<B, E>(&self, result: &Result<http::Response<B>, E>) {
-        if self.owner {
-            self.exchange.finish(match result {
+        if let Some(exchange) = &self.exchange {
+            exchange.finish(match result {
                 Ok(response) => head_outcome(response),
                 Err(_) => Outcome::failed(Phase::BeforeHead, None),
             });
         }
+    }
+
+    /// The future is dropped: an owner that recorded nothing yet records
+    /// [`Outcome::Dropped`].
+    pub(crate) fn dropped(&self) {
+        if let Some(exchange) = &self.exchange {
+            exchange.finish(Outcome::dropped());
+        }
+    }
+
+    /// The exchange, for the owner to hand on (to the response body).
+    pub(crate) fn take_exchange(&mut self) -> Option<Exchange> {
+        self.exchange.take()
     }
 }
 
@@ -287,14 +387,6 @@ pub(crate) fn head_outcome<B>(response: &http::Response<B>) -> Outcome {
     match response.extensions().get::<Generated>() {
         Some(generated) => generated.outcome().clone(),
         None => Outcome::completed(response.status()),
-    }
-}
-
-impl Drop for Share {
-    fn drop(&mut self) {
-        if self.owner {
-            self.exchange.finish(Outcome::dropped());
-        }
     }
 }
 
@@ -325,30 +417,171 @@ macro_rules! recorder_methods {
 }
 pub(crate) use recorder_methods;
 
-/// Marks a poll of wrapped code: if that code panics, the guard records the panic as the
-/// outcome while the stack unwinds.
-pub(crate) struct PanicGuard<'a> {
+/// Armed around a poll of wrapped code and forgotten after it: dropped, it means that code
+/// panicked, and it records the panic as the outcome while the stack unwinds.
+struct PanicGuard<'a> {
     exchange: &'a Exchange,
-    outcome: Option<Outcome>,
-}
-
-impl<'a> PanicGuard<'a> {
-    pub(crate) fn new(exchange: &'a Exchange, if_panicking: Outcome) -> Self {
-        PanicGuard {
-            exchange,
-            outcome: Some(if_panicking),
-        }
-    }
-
-    pub(crate) fn disarm(mut self) {
-        self.outcome = None;
-    }
+    phase: Phase,
+    sent_status: Option<StatusCode>,
 }
 
 impl Drop for PanicGuard<'_> {
     fn drop(&mut self) {
-        if let Some(outcome) = self.outcome.take() {
-            self.exchange.finish(outcome);
+        self.exchange
+            .finish(Outcome::panicked(self.phase, self.sent_status));
+    }
+}
+
+/// How the crate's layers on one request find each other without allocating: while the owner
+/// calls the inner service, a thread-local says so, and the layers inside join instead of
+/// opening an exchange of their own; while the owner polls (or drops) the inner future, the
+/// outcome a layer inside decides is left in a thread-local for the owner to record.
+///
+/// Only the owner's synchronous `call` makes joiners: a request a handler makes later (a
+/// gateway's call upstream, made while the owner polls) gets an exchange of its own.
+mod context {
+    use std::cell::Cell;
+    use std::time::Duration;
+
+    use crate::outcome::Outcome;
+    use crate::trace;
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Stage {
+        Idle,
+        /// An owner is calling the inner service.
+        Calling,
+        /// An owner is polling or dropping the inner future, its outcome not yet recorded.
+        Open,
+        /// The same, with the owner's outcome recorded already.
+        Closed,
+    }
+
+    struct State {
+        stage: Cell<Stage>,
+        timeout_ms: Cell<u64>,
+        outcome: Cell<Option<Outcome>>,
+    }
+
+    thread_local! {
+        static STATE: State = const {
+            State {
+                stage: Cell::new(Stage::Idle),
+                timeout_ms: Cell::new(u64::MAX),
+                outcome: Cell::new(None),
+            }
+        };
+    }
+
+    /// What a layer's `call` is to the request.
+    pub(super) enum Role {
+        /// An outer layer of the crate owns the request and is calling in on this thread.
+        Joined,
+        /// The outermost of the crate's layers on this request; `nested` when another
+        /// request's owner is polling on this thread (a gateway calling upstream).
+        Owner { nested: bool },
+    }
+
+    /// Joins the exchange of the owner calling in on this thread, if one is, with the joining
+    /// layer's limit.
+    pub(super) fn join(timeout: Option<Duration>) -> Role {
+        STATE.with(|state| match state.stage.get() {
+            Stage::Calling => {
+                if let Some(timeout) = timeout {
+                    let ms = trace::duration_ms(timeout);
+                    state.timeout_ms.set(state.timeout_ms.get().min(ms));
+                }
+                Role::Joined
+            }
+            Stage::Open | Stage::Closed => Role::Owner { nested: true },
+            Stage::Idle => Role::Owner { nested: false },
+        })
+    }
+
+    /// Reports the outcome a joined layer decided; returns whether it is the request's.
+    pub(super) fn report(outcome: Outcome) -> bool {
+        STATE.with(|state| {
+            if state.stage.get() != Stage::Open {
+                return false;
+            }
+            match state.outcome.take() {
+                Some(earlier) => {
+                    state.outcome.set(Some(earlier));
+                    false
+                }
+                None => {
+                    state.outcome.set(Some(outcome));
+                    true
+                }
+            }
+        })
+    }
+
+    /// The owner calling in. Restores what was there before when it is dropped, even by a
+    /// panic.
+    pub(super) struct Calling {
+        stage: Stage,
+        timeout_ms: u64,
+    }
+
+    impl Calling {
+        pub(super) fn enter() -> Self {
+            STATE.with(|state| Calling {
+                stage: state.stage.replace(Stage::Calling),
+                timeout_ms: state.timeout_ms.replace(u64::MAX),
+            })
+        }
+
+        /// The smallest limit the layers that joined apply, in ms (`u64::MAX` for none).
+        pub(super) fn leave(self) -> u64 {
+            STATE.with(|state| state.timeout_ms.get())
+        }
+    }
+
+    impl Drop for Calling {
+        fn drop(&mut self) {
+            STATE.with(|state| {
+                state.stage.set(self.stage);
+                state.timeout_ms.set(self.timeout_ms);
+            });
+        }
+    }
+
+    /// The owner polling or dropping the inner future. Restores what was there before when it
+    /// is dropped, even by a panic.
+    pub(super) struct Polling {
+        stage: Stage,
+        outcome: Option<Outcome>,
+    }
+
+    impl Polling {
+        pub(super) fn enter(finished: bool) -> Self {
+            let stage = if finished { Stage::Closed } else { Stage::Open };
+            STATE.with(|state| Polling {
+                stage: state.stage.replace(stage),
+                outcome: state.outcome.take(),
+            })
+        }
+
+        /// The outcome a layer inside decided, if one did.
+        pub(super) fn leave(mut self) -> Option<Outcome> {
+            let earlier = self.outcome.take();
+            let stage = self.stage;
+            // Nothing left for `drop` to restore.
+            std::mem::forget(self);
+            STATE.with(|state| {
+                state.stage.set(stage);
+                state.outcome.replace(earlier)
+            })
+        }
+    }
+
+    impl Drop for Polling {
+        fn drop(&mut self) {
+            STATE.with(|state| {
+                state.stage.set(self.stage);
+                state.outcome.set(self.outcome.take());
+            });
         }
     }
 }

@@ -121,35 +121,53 @@ type MakeFn = dyn Fn(&Outcome) -> Response<Bytes> + Send + Sync;
 
 /// How a layer builds the responses it generates. Shared (cheaply cloned) by a layer's
 /// services.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub(crate) struct ResponseConfig {
+    /// `None` for the defaults, so that a future holding the configuration costs nothing to
+    /// make.
+    custom: Option<Arc<Custom>>,
+}
+
+#[derive(Clone)]
+struct Custom {
     proxy_status: Option<HeaderValue>,
     make: Option<Arc<MakeFn>>,
 }
 
-impl Default for ResponseConfig {
-    fn default() -> Self {
-        ResponseConfig {
-            proxy_status: Some(HeaderValue::from_static(DEFAULT_PROXY_NAME)),
-            make: None,
-        }
-    }
-}
-
 impl fmt::Debug for ResponseConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let custom = self.custom.as_deref();
         f.debug_struct("ResponseConfig")
-            .field("proxy_status", &self.proxy_status)
-            .field("make", &self.make.as_ref().map(|_| ".."))
+            .field(
+                "proxy_name",
+                &self.proxy_name_bytes().map(String::from_utf8_lossy),
+            )
+            .field("make", &custom.and_then(|c| c.make.as_ref()).map(|_| ".."))
             .finish()
     }
 }
 
 impl ResponseConfig {
+    fn custom(&mut self) -> &mut Custom {
+        Arc::make_mut(self.custom.get_or_insert_with(|| {
+            Arc::new(Custom {
+                proxy_status: Some(HeaderValue::from_static(DEFAULT_PROXY_NAME)),
+                make: None,
+            })
+        }))
+    }
+
+    fn proxy_name_bytes(&self) -> Option<&[u8]> {
+        match self.custom.as_deref() {
+            Some(custom) => custom.proxy_status.as_ref().map(HeaderValue::as_bytes),
+            None => Some(DEFAULT_PROXY_NAME.as_bytes()),
+        }
+    }
+
     /// Sets the proxy name in `Proxy-Status`, or turns the header off with `None`. A name that
     /// is not an RFC 8941 token is sent as a quoted string.
     pub(crate) fn proxy_name(mut self, name: Option<&str>) -> Self {
-        self.proxy_status = name.map(proxy_name_value);
+        self.custom().proxy_status = name.map(proxy_name_value);
         self
     }
 
@@ -157,7 +175,7 @@ impl ResponseConfig {
     where
         F: Fn(&Outcome) -> Response<Bytes> + Send + Sync + 'static,
     {
-        self.make = Some(Arc::new(make));
+        self.custom().make = Some(Arc::new(make));
         self
     }
 
@@ -173,16 +191,17 @@ impl ResponseConfig {
         outcome: Outcome,
         details: Option<&str>,
     ) -> Response<ResponseBody<B>> {
-        let mut response = match &self.make {
+        let make = self
+            .custom
+            .as_deref()
+            .and_then(|custom| custom.make.as_ref());
+        let mut response = match make {
             Some(make) => make(&outcome),
             None => default_response(&outcome),
         };
-        if let (Some(name), Some(error)) = (&self.proxy_status, outcome.error_type()) {
+        if let (Some(name), Some(error)) = (self.proxy_name_bytes(), outcome.error_type()) {
             if !response.headers().contains_key(PROXY_STATUS) {
-                let mut value = format!(
-                    "{}; error={error}",
-                    String::from_utf8_lossy(name.as_bytes())
-                );
+                let mut value = format!("{}; error={error}", String::from_utf8_lossy(name));
                 if let Some(details) = details {
                     value.push_str("; details=");
                     push_sf_string(&mut value, details);

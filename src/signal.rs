@@ -1,9 +1,9 @@
 //! The signal a handler gets to learn that its client left.
 //!
-//! [`ClientDisconnectLayer`](crate::ClientDisconnectLayer) puts a [`ClientGone`] into every
-//! request's extensions before it calls the inner service, and fires it when the client leaves.
-//! Dropping the handler's future already stops the handler itself; the signal is for work the
-//! handler spawned, which outlives that future.
+//! [`ClientDisconnectLayer`](crate::ClientDisconnectLayer) gives every request a [`ClientGone`],
+//! made on first use, and fires it when the client leaves. Dropping the handler's future
+//! already stops the handler itself; the signal is for work the handler spawned, which
+//! outlives that future.
 //!
 //! # Example
 //!
@@ -12,8 +12,9 @@
 //! use http::{Request, Response};
 //! use tower_timeouts::ClientGone;
 //!
-//! async fn handler(request: Request<String>) -> Result<Response<String>, Infallible> {
-//!     let gone = request.extensions().get::<ClientGone>().cloned();
+//! async fn handler(_: Request<String>) -> Result<Response<String>, Infallible> {
+//!     // `None` when no ClientDisconnectLayer is calling this handler.
+//!     let gone = ClientGone::current();
 //!     tokio::spawn(async move {
 //!         let Some(gone) = gone else { return };
 //!         tokio::select! {
@@ -26,9 +27,19 @@
 //! # let _ = handler;
 //! ```
 //!
-//! In axum, `axum::Extension<ClientGone>` extracts it; with the crate's `axum` feature
-//! `ClientGone` is an extractor itself (and `Option<ClientGone>` one that never fails).
+//! # Where to get it
+//!
+//! - [`ClientGone::current`], from the handler or anything its future runs while it is polled.
+//!   It is not there in a task the handler spawned: take it before spawning.
+//! - With the crate's `axum` feature, `ClientGone` is an extractor (and `Option<ClientGone>`
+//!   one that never fails).
+//! - From the request's extensions, when the layer is set up with
+//!   [`signal_in_extensions`](crate::ClientDisconnectLayer::signal_in_extensions) (for
+//!   `axum::Extension<ClientGone>`, or a layer between that moves the request to another task,
+//!   such as `tower::buffer`). That costs every request the signal and the extension, made
+//!   eagerly; the default costs nothing until the signal is asked for.
 
+use std::cell::Cell;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -39,6 +50,10 @@ use tokio::sync::Notify;
 ///
 /// Cheap to clone; all clones see the same signal. It fires only for a client that left: a
 /// request that ends in any other way (a normal completion, a timeout, an error) never fires it.
+///
+/// Made on first use, so that requests nobody asks about cost nothing: get it with
+/// [`ClientGone::current`] from the handler (or, in axum, with the extractor), or from the
+/// request's extensions when the layer is set to put it there.
 #[derive(Clone, Default)]
 pub struct ClientGone {
     shared: Arc<Shared>,
@@ -58,9 +73,67 @@ impl fmt::Debug for ClientGone {
     }
 }
 
+thread_local! {
+    /// The signal of the request whose [`ClientDisconnect`](crate::ClientDisconnect) is calling
+    /// or polling the inner service on this thread: `None` when none is, `Some(None)` while
+    /// nobody asked for it yet.
+    static CURRENT: Cell<Option<Option<ClientGone>>> = const { Cell::new(None) };
+}
+
 impl ClientGone {
     pub(crate) fn new() -> Self {
         ClientGone::default()
+    }
+
+    /// The signal of the request being handled: call it from the handler (or anything the
+    /// handler's future runs while it is polled, such as an extractor), under a
+    /// [`ClientDisconnectLayer`](crate::ClientDisconnectLayer). `None` elsewhere, for instance
+    /// in a task the handler spawned: take the signal before spawning and move it in.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use http::{Request, Response};
+    /// use tower_timeouts::ClientGone;
+    ///
+    /// async fn handler(_: Request<String>) -> Result<Response<String>, Infallible> {
+    ///     let gone = ClientGone::current().expect("under a ClientDisconnectLayer");
+    ///     tokio::spawn(async move {
+    ///         tokio::select! {
+    ///             _ = gone.gone() => { /* the client left: stop the work */ }
+    ///             _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => { /* done */ }
+    ///         }
+    ///     });
+    ///     Ok(Response::new("started".to_owned()))
+    /// }
+    /// # let _ = handler;
+    /// ```
+    pub fn current() -> Option<ClientGone> {
+        CURRENT
+            .try_with(|current| {
+                let mut slot = current.take()?;
+                let gone = slot.get_or_insert_with(ClientGone::new).clone();
+                current.set(Some(slot));
+                Some(gone)
+            })
+            .ok()
+            .flatten()
+    }
+
+    /// Runs `f` (a call or a poll of the inner service) with `gone` as the
+    /// [`current`](ClientGone::current) signal; `gone` is the one made meanwhile, if none was
+    /// there.
+    pub(crate) fn scope<T>(gone: &mut Option<ClientGone>, f: impl FnOnce() -> T) -> T {
+        struct Restore(Option<Option<ClientGone>>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                CURRENT.set(self.0.take());
+            }
+        }
+        let restore = Restore(CURRENT.replace(Some(gone.take())));
+        let output = f();
+        *gone = CURRENT.replace(None).flatten();
+        drop(restore);
+        output
     }
 
     /// Whether the client has left.
@@ -98,10 +171,12 @@ mod extract {
         type Rejection = (StatusCode, &'static str);
 
         async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-            parts.extensions.get::<ClientGone>().cloned().ok_or((
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "ClientGone needs tower_timeouts::ClientDisconnectLayer around the route",
-            ))
+            ClientGone::current()
+                .or_else(|| parts.extensions.get::<ClientGone>().cloned())
+                .ok_or((
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "ClientGone needs tower_timeouts::ClientDisconnectLayer around the route",
+                ))
         }
     }
 
@@ -113,7 +188,7 @@ mod extract {
             parts: &mut Parts,
             _: &S,
         ) -> Result<Option<Self>, Self::Rejection> {
-            Ok(parts.extensions.get::<ClientGone>().cloned())
+            Ok(ClientGone::current().or_else(|| parts.extensions.get::<ClientGone>().cloned()))
         }
     }
 }

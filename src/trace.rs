@@ -150,7 +150,7 @@ impl RequestDetails {
 /// completion.
 pub(crate) fn record_outcome(
     span: &Span,
-    level: Level,
+    level: Option<Level>,
     outcome: &Outcome,
     elapsed_ms: u64,
     request: Option<&RequestDetails>,
@@ -181,7 +181,7 @@ pub(crate) fn record_outcome(
             span.record(OTEL_STATUS_CODE, "ERROR");
         }
     }
-    let Some(error_type) = error_type else {
+    let (Some(error_type), Some(level)) = (error_type, level) else {
         return;
     };
     let recorded_status = outcome.recorded_status().map(|status| status.as_u16());

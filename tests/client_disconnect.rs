@@ -19,7 +19,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::State;
 use axum::routing::{get, post};
-use axum::{Extension, Router};
+use axum::Router;
 use bytes::Bytes;
 use common::{Capture, Captured, Live, Outcomes, SERVERS, SOON};
 use futures_util::stream;
@@ -131,9 +131,10 @@ impl Harness {
         };
         let signals = Signals::default();
         let collected = signals.clone();
+        // Asks for every request's signal (made on first use), to check that only the
+        // requests whose client left fire theirs.
         let collect = MapRequestLayer::new(move |request: Request<Body>| {
-            let gone = request.extensions().get::<ClientGone>().cloned();
-            collected.0.lock().unwrap().extend(gone);
+            collected.0.lock().unwrap().extend(ClientGone::current());
             request
         });
         let hook = outcomes.hook();
@@ -177,7 +178,8 @@ impl Harness {
 }
 
 /// Never answers; marks itself live and spawns work that waits for the client-gone signal.
-async fn slow(State(probe): State<Probe>, Extension(gone): Extension<ClientGone>) -> &'static str {
+async fn slow(State(probe): State<Probe>) -> &'static str {
+    let gone = ClientGone::current().expect("under ClientDisconnectLayer");
     let _live = probe.live.enter();
     probe.watch(gone, "slow");
     let _ = probe.started.send("slow");
@@ -186,10 +188,8 @@ async fn slow(State(probe): State<Probe>, Extension(gone): Extension<ClientGone>
 }
 
 /// Sends one chunk, then waits forever; the body is live until it is dropped.
-async fn endless_stream(
-    State(probe): State<Probe>,
-    Extension(gone): Extension<ClientGone>,
-) -> Body {
+async fn endless_stream(State(probe): State<Probe>) -> Body {
+    let gone = ClientGone::current().expect("under ClientDisconnectLayer");
     probe.watch(gone, "stream");
     let live = probe.live.enter();
     Body::from_stream(stream::unfold((live, true), |(live, first)| async move {
@@ -239,11 +239,8 @@ async fn upload(State(probe): State<Probe>, body: Body) -> &'static str {
 }
 
 /// Holds its request body without reading it and never answers.
-async fn hold(
-    State(probe): State<Probe>,
-    Extension(gone): Extension<ClientGone>,
-    body: Body,
-) -> &'static str {
+async fn hold(State(probe): State<Probe>, body: Body) -> &'static str {
+    let gone = ClientGone::current().expect("under ClientDisconnectLayer");
     let _live = probe.live.enter();
     probe.watch(gone, "hold");
     let _ = probe.started.send("hold");

@@ -1,5 +1,4 @@
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Buf;
@@ -8,7 +7,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::outcome::{Outcome, Phase};
-use crate::record::{Exchange, PanicGuard};
+use crate::record::Exchange;
 use crate::signal::ClientGone;
 
 pin_project! {
@@ -37,6 +36,14 @@ impl<B> DisconnectBody<B> {
         }
     }
 
+    /// A body an outer layer of the crate follows.
+    pub(super) fn passed(inner: B) -> Self {
+        DisconnectBody {
+            inner,
+            tracker: None,
+        }
+    }
+
     /// The inner body.
     pub fn get_ref(&self) -> &B {
         &self.inner
@@ -45,8 +52,8 @@ impl<B> DisconnectBody<B> {
 
 /// Follows a body to its end; dropped before the end, it records a client that left.
 pub(super) struct Tracker {
-    exchange: Arc<Exchange>,
-    gone: ClientGone,
+    exchange: Exchange,
+    gone: Option<ClientGone>,
     status: StatusCode,
     /// The body's exact size, where it is known.
     expected: Option<u64>,
@@ -56,8 +63,8 @@ pub(super) struct Tracker {
 
 impl Tracker {
     pub(super) fn new<B: Body>(
-        exchange: Arc<Exchange>,
-        gone: ClientGone,
+        exchange: Exchange,
+        gone: Option<ClientGone>,
         parts: &Parts,
         body: &B,
         is_head: bool,
@@ -94,7 +101,9 @@ impl Drop for Tracker {
             Some(self.status),
             self.bytes_sent,
         )) {
-            self.gone.fire();
+            if let Some(gone) = &self.gone {
+                gone.fire();
+            }
         }
     }
 }
@@ -114,12 +123,11 @@ where
         let Some(tracker) = this.tracker.as_mut() else {
             return this.inner.poll_frame(cx);
         };
-        let guard = PanicGuard::new(
-            &tracker.exchange,
-            Outcome::panicked(Phase::DuringBody, Some(tracker.status)),
-        );
-        let polled = this.inner.as_mut().poll_frame(cx);
-        guard.disarm();
+        let polled = tracker
+            .exchange
+            .guarded(Phase::DuringBody, Some(tracker.status), || {
+                this.inner.as_mut().poll_frame(cx)
+            });
         match &polled {
             Poll::Pending => return polled,
             Poll::Ready(None) => tracker.complete = true,

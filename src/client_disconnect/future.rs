@@ -1,6 +1,5 @@
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::Response;
@@ -8,58 +7,54 @@ use pin_project_lite::pin_project;
 
 use super::body::{DisconnectBody, Tracker};
 use crate::outcome::{Outcome, Phase};
-use crate::record::{head_outcome, Exchange, PanicGuard};
+use crate::record::{head_outcome, Share};
 use crate::response::Generated;
 use crate::signal::ClientGone;
 
 pin_project! {
     /// The response future of [`ClientDisconnect`](super::ClientDisconnect).
     pub struct ResponseFuture<F> {
-        #[pin]
-        inner: F,
-        // Taken when the response (or an error) is produced; still here on drop means the
+        // `None` once the response (or an error) is produced; still here on drop means the
         // client left before the head.
-        watch: Option<Watch>,
-        owner: bool,
+        #[pin]
+        inner: Option<F>,
+        share: Share,
+        gone: Option<ClientGone>,
         is_head: bool,
     }
 
     impl<F> PinnedDrop for ResponseFuture<F> {
         fn drop(this: Pin<&mut Self>) {
-            if let Some(watch) = this.project().watch.take() {
-                if watch.exchange.finish(Outcome::client_disconnected(Phase::BeforeHead, None, 0)) {
-                    watch.gone.fire();
+            let mut this = this.project();
+            if this.inner.is_none() {
+                return;
+            }
+            // Recorded before the inner future is dropped: the request's outcome.
+            if this.share.decide(Outcome::client_disconnected(Phase::BeforeHead, None, 0)) {
+                if let Some(gone) = this.gone.as_ref() {
+                    gone.fire();
                 }
             }
+            this.share.drop_inner(|| this.inner.set(None));
         }
     }
-}
-
-struct Watch {
-    exchange: Arc<Exchange>,
-    gone: ClientGone,
 }
 
 impl<F> std::fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture")
-            .field("exchange", &self.watch.as_ref().map(|w| &w.exchange))
+            .field("share", &self.share)
+            .field("gone", &self.gone)
             .finish_non_exhaustive()
     }
 }
 
 impl<F> ResponseFuture<F> {
-    pub(super) fn new(
-        inner: F,
-        exchange: Arc<Exchange>,
-        owner: bool,
-        gone: ClientGone,
-        is_head: bool,
-    ) -> Self {
+    pub(super) fn new(inner: F, share: Share, gone: Option<ClientGone>, is_head: bool) -> Self {
         ResponseFuture {
-            inner,
-            watch: Some(Watch { exchange, gone }),
-            owner,
+            inner: Some(inner),
+            share,
+            gone,
             is_head,
         }
     }
@@ -73,38 +68,39 @@ where
     type Output = Result<Response<DisconnectBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let watch = this
-            .watch
-            .as_ref()
+        let mut this = self.project();
+        let inner = this
+            .inner
+            .as_mut()
+            .as_pin_mut()
             .expect("ResponseFuture polled after completion");
-        let _entered = this.owner.then(|| watch.exchange.span().enter());
-        let guard = PanicGuard::new(&watch.exchange, Outcome::panicked(Phase::BeforeHead, None));
-        let polled = this.inner.poll(cx);
-        guard.disarm();
-        let Poll::Ready(result) = polled else {
+        let share = &*this.share;
+        let Poll::Ready(result) = ClientGone::scope(this.gone, || share.poll(inner, cx)) else {
             return Poll::Pending;
         };
-        drop(_entered);
-        let Some(Watch { exchange, gone }) = this.watch.take() else {
-            unreachable!("checked above");
-        };
+        // Finished: nothing inside has anything left to record.
+        this.inner.set(None);
         Poll::Ready(match result {
             Ok(response) => {
+                // The owner follows the body; a layer that joined leaves it to the owner.
+                let Some(exchange) = this.share.take_exchange() else {
+                    return Poll::Ready(Ok(response.map(DisconnectBody::passed)));
+                };
                 // A response of ours: its outcome is already the request's (or, made under
                 // another request's exchange, it is recorded here and now).
                 if response.extensions().get::<Generated>().is_some() {
                     exchange.finish(head_outcome(&response));
                 }
                 let (parts, body) = response.into_parts();
-                let tracker = Tracker::new(exchange, gone, &parts, &body, *this.is_head);
+                let tracker =
+                    Tracker::new(exchange, this.gone.take(), &parts, &body, *this.is_head);
                 Ok(Response::from_parts(
                     parts,
                     DisconnectBody::new(body, tracker),
                 ))
             }
             Err(error) => {
-                exchange.finish(Outcome::failed(Phase::BeforeHead, None));
+                this.share.decide(Outcome::failed(Phase::BeforeHead, None));
                 Err(error)
             }
         })

@@ -18,12 +18,26 @@ use crate::record::Recorder;
 #[derive(Clone, Debug, Default)]
 pub struct ClientDisconnectLayer {
     recorder: Recorder,
+    signal_in_extensions: bool,
 }
 
 impl ClientDisconnectLayer {
     /// A layer with the default settings: events at WARN, no hook, a `request` span of its own.
     pub fn new() -> Self {
         ClientDisconnectLayer::default()
+    }
+
+    /// Also puts each request's [`ClientGone`](crate::ClientGone) into its extensions before
+    /// calling the inner service, for code that looks for it there (`axum::Extension<ClientGone>`,
+    /// a layer that moves the request to another task, such as `tower::buffer`).
+    ///
+    /// Off by default: the signal is made on first use, through
+    /// [`ClientGone::current`](crate::ClientGone::current) or the axum extractor, so that a
+    /// request nobody asks about allocates nothing. With it on, every request pays for the
+    /// signal and the extension (four small allocations on a request with no extensions yet).
+    pub fn signal_in_extensions(mut self) -> Self {
+        self.signal_in_extensions = true;
+        self
     }
 
     crate::record::recorder_methods!(recorder);
@@ -36,6 +50,7 @@ impl<S> Layer<S> for ClientDisconnectLayer {
         ClientDisconnect {
             inner,
             recorder: self.recorder.clone(),
+            signal_in_extensions: self.signal_in_extensions,
         }
     }
 }

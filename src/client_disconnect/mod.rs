@@ -56,8 +56,9 @@
 //!
 //! # Cancelling spawned work
 //!
-//! Before it calls the inner service the layer puts a [`ClientGone`] into
-//! the request's extensions and fires it when the client leaves. See [`signal`](crate::signal).
+//! The layer gives every request a [`ClientGone`], made when the handler first asks for it
+//! ([`ClientGone::current`], or the axum extractor), and fires it when the client leaves. See
+//! [`signal`](crate::signal).
 //!
 //! # Where to put it
 //!
@@ -77,6 +78,7 @@ pub use self::layer::ClientDisconnectLayer;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
+use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::record::Recorder;
@@ -90,15 +92,13 @@ use crate::signal::ClientGone;
 pub struct ClientDisconnect<S> {
     inner: S,
     recorder: Recorder,
+    signal_in_extensions: bool,
 }
 
 impl<S> ClientDisconnect<S> {
     /// Wraps `inner` with the default settings.
     pub fn new(inner: S) -> Self {
-        ClientDisconnect {
-            inner,
-            recorder: Recorder::default(),
-        }
+        ClientDisconnectLayer::new().layer(inner)
     }
 
     /// The inner service.
@@ -131,18 +131,19 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        let (exchange, owner) = self.recorder.join(&mut request);
-        let gone = match request.extensions().get::<ClientGone>() {
-            Some(gone) => gone.clone(),
-            None => {
-                let gone = ClientGone::new();
-                request.extensions_mut().insert(gone.clone());
-                gone
-            }
-        };
+        // An outer layer's signal, or one the caller put there; else made on first use.
+        let mut gone = request.extensions().get::<ClientGone>().cloned();
+        if self.signal_in_extensions && gone.is_none() {
+            let signal = ClientGone::new();
+            request.extensions_mut().insert(signal.clone());
+            gone = Some(signal);
+        }
         let is_head = request.method() == http::Method::HEAD;
-        let inner = exchange.span().in_scope(|| self.inner.call(request));
-        ResponseFuture::new(inner, exchange, owner, gone, is_head)
+        let inner = &mut self.inner;
+        let (share, inner) = self.recorder.call(request, None, |request| {
+            ClientGone::scope(&mut gone, || inner.call(request))
+        });
+        ResponseFuture::new(inner, share, gone, is_head)
     }
 }
 

@@ -55,8 +55,9 @@ async fn future_dropped_before_the_head_is_a_499_and_fires_the_signal() {
     let mut seen = Some(seen);
     let mut service = ClientDisconnectLayer::new()
         .on_outcome(outcomes.hook())
-        .layer(service_fn(move |request: Request<()>| {
-            let gone = request.extensions().get::<ClientGone>().cloned().unwrap();
+        .layer(service_fn(move |_: Request<()>| {
+            // Made on first use, by the inner service's `call`.
+            let gone = ClientGone::current().unwrap();
             let _ = seen.take().unwrap().send(gone);
             std::future::pending::<Result<Response<Empty<Bytes>>, Infallible>>()
         }));
@@ -183,7 +184,11 @@ async fn a_generated_timeout_is_never_a_disconnect() {
     let (seen, signal) = tokio::sync::oneshot::channel();
     let mut seen = Some(seen);
     let service = ServiceBuilder::new()
-        .layer(ClientDisconnectLayer::new().on_outcome(outcomes.hook()))
+        .layer(
+            ClientDisconnectLayer::new()
+                .signal_in_extensions()
+                .on_outcome(outcomes.hook()),
+        )
         .layer(ResponseTimeoutLayer::new(Duration::from_millis(100)))
         .service(service_fn(move |request: Request<()>| {
             let _ = seen
@@ -312,4 +317,130 @@ async fn a_generated_response_from_a_fresh_request_keeps_its_outcome() {
         outcomes.one(),
         Outcome::response_timeout(Duration::from_millis(100), StatusCode::GATEWAY_TIMEOUT)
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn signal_in_extensions_puts_the_same_signal_there() {
+    let outcomes = Outcomes::default();
+    let (seen, mut signal) = tokio::sync::oneshot::channel();
+    let mut seen = Some(seen);
+    let mut service = ClientDisconnectLayer::new()
+        .signal_in_extensions()
+        .on_outcome(outcomes.hook())
+        .layer(service_fn(move |request: Request<()>| {
+            let from_extensions = request.extensions().get::<ClientGone>().cloned().unwrap();
+            let current = ClientGone::current().unwrap();
+            let _ = seen.take().unwrap().send((from_extensions, current));
+            std::future::pending::<Result<Response<Empty<Bytes>>, Infallible>>()
+        }));
+    let mut future = Box::pin(service.call(Request::new(())));
+    assert!(future.as_mut().poll(&mut noop_cx()).is_pending());
+    let (from_extensions, current) = signal.try_recv().unwrap();
+    drop(future);
+    assert!(from_extensions.is_gone() && current.is_gone());
+    assert_eq!(
+        outcomes.one(),
+        Outcome::client_disconnected(Phase::BeforeHead, None, 0)
+    );
+}
+
+#[test]
+fn the_signal_is_only_current_inside_the_layer() {
+    assert!(ClientGone::current().is_none());
+    let mut service = ClientDisconnectLayer::new().layer(service_fn(|_: Request<()>| async {
+        let gone = ClientGone::current().expect("current while the handler is polled");
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
+            "{}",
+            gone.is_gone()
+        )))))
+    }));
+    let mut future = pin!(service.call(Request::new(())));
+    let Poll::Ready(Ok(response)) = future.as_mut().poll(&mut noop_cx()) else {
+        panic!("the handler answers at once");
+    };
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(ClientGone::current().is_none(), "restored after the poll");
+}
+
+/// A panic in the inner service's `call` must not leave the thread believing an owner is
+/// calling in: the next request on this thread records its own outcome.
+#[test]
+fn a_panicking_call_leaves_no_trace_on_the_thread() {
+    let mut panics = ServiceBuilder::new()
+        .layer(ClientDisconnectLayer::new())
+        .layer(ResponseTimeoutLayer::new(Duration::from_secs(1)))
+        .service(service_fn(
+            |_: Request<()>| -> std::future::Ready<Result<Response<Empty<Bytes>>, Infallible>> {
+                panic!("call panics on purpose")
+            },
+        ));
+    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        panics.call(Request::new(()))
+    }));
+    assert!(unwound.is_err());
+    assert!(ClientGone::current().is_none());
+
+    let outcomes = Outcomes::default();
+    let mut service = ResponseTimeoutLayer::new(Duration::from_secs(1))
+        .on_outcome(outcomes.hook())
+        .layer(service_fn(|_: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+        }));
+    let mut future = pin!(service.call(Request::new(())));
+    assert!(future.as_mut().poll(&mut noop_cx()).is_ready());
+    assert_eq!(outcomes.one(), Outcome::completed(StatusCode::OK));
+}
+
+#[cfg(feature = "axum")]
+#[tokio::test]
+async fn axum_extractors_find_the_signal() {
+    use axum::routing::get;
+    use axum::Router;
+
+    async fn required(gone: ClientGone) -> String {
+        format!("gone: {}", gone.is_gone())
+    }
+    async fn optional(gone: Option<ClientGone>) -> &'static str {
+        if gone.is_some() {
+            "watched"
+        } else {
+            "not watched"
+        }
+    }
+    async fn extension(axum::Extension(gone): axum::Extension<ClientGone>) -> String {
+        format!("gone: {}", gone.is_gone())
+    }
+    let routes = || {
+        Router::new()
+            .route("/required", get(required))
+            .route("/optional", get(optional))
+            .route("/extension", get(extension))
+    };
+    let body = |response: Response<axum::body::Body>| async move {
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status.as_u16(), String::from_utf8(bytes.to_vec()).unwrap())
+    };
+    let get = |path: &str| Request::get(path).body(axum::body::Body::empty()).unwrap();
+
+    let lazy = routes().layer(ClientDisconnectLayer::new());
+    let eager = routes().layer(ClientDisconnectLayer::new().signal_in_extensions());
+    let none = routes();
+    for (app, path, expected) in [
+        (&lazy, "/required", (200, "gone: false")),
+        (&lazy, "/optional", (200, "watched")),
+        // Only with `signal_in_extensions` is it in the extensions.
+        (&lazy, "/extension", (500, "")),
+        (&eager, "/extension", (200, "gone: false")),
+        (&eager, "/required", (200, "gone: false")),
+        (&none, "/optional", (200, "not watched")),
+        (&none, "/required", (500, "")),
+    ] {
+        let response = app.clone().oneshot(get(path)).await.unwrap();
+        let (status, text) = body(response).await;
+        assert_eq!(status, expected.0, "{path}: {text}");
+        if expected.0 == 200 {
+            assert_eq!(text, expected.1, "{path}");
+        }
+    }
 }

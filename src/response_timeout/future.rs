@@ -1,18 +1,16 @@
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use http::Response;
+use http::{Response, StatusCode};
 use pin_project_lite::pin_project;
 use tokio::task::{unconstrained, Unconstrained};
 use tokio::time::{sleep_until, Sleep};
 
-use super::Config;
 use crate::deadline::Limit;
 use crate::outcome::Outcome;
 use crate::record::Share;
-use crate::response::ResponseBody;
+use crate::response::{ResponseBody, ResponseConfig};
 
 pin_project! {
     /// The response future of [`ResponseTimeout`](super::ResponseTimeout).
@@ -23,7 +21,18 @@ pin_project! {
         sleep: Option<Unconstrained<Sleep>>,
         limit: Limit,
         share: Share,
-        config: Arc<Config>,
+        status: StatusCode,
+        responses: ResponseConfig,
+    }
+
+    impl<F> PinnedDrop for ResponseFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let mut this = this.project();
+            if let StateProj::Running { .. } = this.state.as_mut().project() {
+                this.share.drop_inner(|| this.state.set(State::Done));
+                this.share.dropped();
+            }
+        }
     }
 }
 
@@ -46,13 +55,20 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
 }
 
 impl<F> ResponseFuture<F> {
-    pub(super) fn new(inner: F, limit: Limit, share: Share, config: Arc<Config>) -> Self {
+    pub(super) fn new(
+        inner: F,
+        limit: Limit,
+        share: Share,
+        status: StatusCode,
+        responses: ResponseConfig,
+    ) -> Self {
         ResponseFuture {
             state: State::Running { inner },
             sleep: None,
             limit,
             share,
-            config,
+            status,
+            responses,
         }
     }
 }
@@ -73,14 +89,13 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let _entered = this.share.enter();
-
         let StateProj::Running { inner } = this.state.as_mut().project() else {
             panic!("ResponseFuture polled after completion");
         };
         // The inner future first: a response that is ready wins a tie with the timer, and a
         // response ready at its first poll never touches the clock.
         if let Poll::Ready(result) = this.share.poll(inner, cx) {
+            // Finished: nothing inside has anything left to record.
             this.state.set(State::Done);
             this.share.head(&result);
             return Poll::Ready(result.map(|response| response.map(ResponseBody::new)));
@@ -99,11 +114,11 @@ where
         }
 
         let timeout = this.limit.timeout().unwrap_or_default();
-        let outcome = Outcome::response_timeout(timeout, this.config.status);
+        let outcome = Outcome::response_timeout(timeout, *this.status);
         // Recorded before the inner future is dropped, so that a layer inside does not take
         // the drop for a client that left.
-        this.share.exchange().finish(outcome.clone());
-        this.state.set(State::Done);
-        Poll::Ready(Ok(this.config.responses.generate(outcome)))
+        this.share.decide(outcome.clone());
+        this.share.drop_inner(|| this.state.set(State::Done));
+        Poll::Ready(Ok(this.responses.generate(outcome)))
     }
 }

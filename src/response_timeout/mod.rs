@@ -58,7 +58,7 @@ use http::{Request, Response, StatusCode};
 use tower_service::Service;
 
 use crate::deadline::{Deadline, Limit};
-use crate::record::{Recorder, Share};
+use crate::record::Recorder;
 use crate::response::{ResponseBody, ResponseConfig};
 
 /// Configuration shared by a layer's services and their futures.
@@ -113,20 +113,23 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        let share = Share::join(&self.config.recorder, &mut request);
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let limit = match request.extensions().get::<Deadline>() {
             Some(deadline) => deadline.limit(),
             None => Limit::After(self.config.timeout),
         };
-        if let Some(timeout) = limit.timeout() {
-            share.exchange().record_timeout(timeout);
-        }
-        let inner = share
-            .exchange()
-            .span()
-            .in_scope(|| self.inner.call(request));
-        ResponseFuture::new(inner, limit, share, self.config.clone())
+        let inner = &mut self.inner;
+        let (share, inner) = self
+            .config
+            .recorder
+            .call(request, limit.timeout(), |request| inner.call(request));
+        ResponseFuture::new(
+            inner,
+            limit,
+            share,
+            self.config.status,
+            self.config.responses.clone(),
+        )
     }
 }
 

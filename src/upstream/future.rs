@@ -22,6 +22,16 @@ pin_project! {
         share: Share,
         config: Arc<Config>,
     }
+
+    impl<F> PinnedDrop for UpstreamFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let mut this = this.project();
+            if this.inner.is_some() || this.failed.is_some() {
+                this.share.drop_inner(|| this.inner.set(None));
+                this.share.dropped();
+            }
+        }
+    }
 }
 
 impl<F> std::fmt::Debug for UpstreamFuture<F> {
@@ -33,19 +43,15 @@ impl<F> std::fmt::Debug for UpstreamFuture<F> {
 }
 
 impl<F> UpstreamFuture<F> {
-    pub(super) fn new(inner: F, share: Share, config: Arc<Config>) -> Self {
+    /// The inner future, or the error of `poll_ready` to answer at the first poll.
+    pub(super) fn new(inner: Result<F, BoxError>, share: Share, config: Arc<Config>) -> Self {
+        let (inner, failed) = match inner {
+            Ok(inner) => (Some(inner), None),
+            Err(error) => (None, Some(error)),
+        };
         UpstreamFuture {
-            inner: Some(inner),
-            failed: None,
-            share,
-            config,
-        }
-    }
-
-    pub(super) fn failed(error: BoxError, share: Share, config: Arc<Config>) -> Self {
-        UpstreamFuture {
-            inner: None,
-            failed: Some(error),
+            inner,
+            failed,
             share,
             config,
         }
@@ -60,22 +66,26 @@ where
     type Output = Result<Response<ResponseBody<B>>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let _entered = this.share.enter();
-        let error = match (this.inner.as_pin_mut(), this.failed.take()) {
+        let mut this = self.project();
+        let error = match (this.inner.as_mut().as_pin_mut(), this.failed.take()) {
             (_, Some(error)) => error,
-            (Some(inner), None) => match std::task::ready!(this.share.poll(inner, cx)) {
-                Ok(response) => {
-                    let result = Ok::<_, Infallible>(response.map(ResponseBody::new));
-                    this.share.head(&result);
-                    return Poll::Ready(result);
+            (Some(inner), None) => {
+                let result = std::task::ready!(this.share.poll(inner, cx));
+                // Finished: nothing inside has anything left to record.
+                this.inner.set(None);
+                match result {
+                    Ok(response) => {
+                        let result = Ok::<_, Infallible>(response.map(ResponseBody::new));
+                        this.share.head(&result);
+                        return Poll::Ready(result);
+                    }
+                    Err(error) => error.into(),
                 }
-                Err(error) => error.into(),
-            },
+            }
             (None, None) => panic!("UpstreamFuture polled after completion"),
         };
         let outcome = classify(&*error, &this.config.statuses);
-        this.share.exchange().finish(outcome.clone());
+        this.share.decide(outcome.clone());
         let details = this.config.details.then(|| innermost(&*error).to_string());
         Poll::Ready(Ok(this
             .config

@@ -62,7 +62,7 @@ use http::{Request, Response, StatusCode};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::record::{Recorder, Share};
+use crate::record::Recorder;
 use crate::response::{ResponseBody, ResponseConfig};
 
 type BoxError = Box<dyn Error + Send + Sync>;
@@ -209,15 +209,13 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        let share = Share::join(&self.config.recorder, &mut request);
-        if let Some(error) = self.not_ready.take() {
-            return UpstreamFuture::failed(error, share, self.config.clone());
-        }
-        let inner = share
-            .exchange()
-            .span()
-            .in_scope(|| self.inner.call(request));
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let inner = &mut self.inner;
+        let not_ready = self.not_ready.take();
+        let (share, inner) = self.config.recorder.call(request, None, |request| {
+            // An error of `poll_ready` is answered at the first poll.
+            not_ready.map_or_else(|| Ok(inner.call(request)), Err)
+        });
         UpstreamFuture::new(inner, share, self.config.clone())
     }
 }
