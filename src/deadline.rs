@@ -66,25 +66,13 @@ pub(crate) enum Limit {
     After(Duration),
     /// An absolute deadline, and the time that was left to it at `call` (what is reported).
     At(Instant, Duration),
-    /// No limit: the timeout is beyond the clock's range.
-    Never,
 }
 
 impl Limit {
-    /// When the time is up, counted from now; `None` when it never is.
-    pub(crate) fn deadline(self) -> Option<Instant> {
-        match self {
-            Limit::After(timeout) => Instant::now().checked_add(timeout),
-            Limit::At(at, _) => Some(at),
-            Limit::Never => None,
-        }
-    }
-
     /// The limit as reported in the outcome and the span.
-    pub(crate) fn timeout(self) -> Option<Duration> {
+    pub(crate) fn timeout(self) -> Duration {
         match self {
-            Limit::After(timeout) | Limit::At(_, timeout) => Some(timeout),
-            Limit::Never => None,
+            Limit::After(timeout) | Limit::At(_, timeout) => timeout,
         }
     }
 }

@@ -23,7 +23,7 @@ use std::fmt;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -142,7 +142,7 @@ impl Recorder {
         call: impl FnOnce(Request<B>) -> T,
     ) -> (Share, T) {
         let exchange = match context::join(timeout) {
-            context::Role::Joined => return (Share { exchange: None }, call(request)),
+            context::Role::Joined => return (Share(Exchange::joined()), call(request)),
             context::Role::Owner { nested } => Exchange::open(self, &request, nested),
         };
         let calling = context::Calling::enter();
@@ -158,10 +158,7 @@ impl Recorder {
                 watchers.span.record(trace::TIMEOUT_MS, ms);
             }
         }
-        let share = Share {
-            exchange: Some(exchange),
-        };
-        (share, output)
+        (Share(exchange), output)
     }
 }
 
@@ -174,8 +171,9 @@ pub(crate) struct Exchange {
     /// What is needed to show the outcome, made only when someone will see it: with no
     /// subscriber interested, no hook and no event enabled, the exchange is a flag.
     watchers: Option<Box<Watchers>>,
+    /// `OPEN`, `FINISHED`, or `JOINED` in the share of a layer that joined another's exchange.
     // An atomic (not a cell) only so that futures and bodies stay `Sync`; there is one owner.
-    finished: AtomicBool,
+    state: AtomicU8,
 }
 
 struct Watchers {
@@ -231,20 +229,28 @@ impl Exchange {
             });
         Exchange {
             watchers,
-            finished: AtomicBool::new(false),
+            state: AtomicU8::new(OPEN),
+        }
+    }
+
+    /// The share of a layer that joined another's exchange: records nothing.
+    fn joined() -> Self {
+        Exchange {
+            watchers: None,
+            state: AtomicU8::new(JOINED),
         }
     }
 
     pub(crate) fn is_finished(&self) -> bool {
-        self.finished.load(Ordering::Relaxed)
+        self.state.load(Ordering::Relaxed) == FINISHED
     }
 
     /// Records `outcome` if no outcome was recorded yet; returns whether it was.
     pub(crate) fn finish(&self, outcome: Outcome) -> bool {
-        if self.is_finished() {
+        if self.state.load(Ordering::Relaxed) != OPEN {
             return false;
         }
-        self.finished.store(true, Ordering::Relaxed);
+        self.state.store(FINISHED, Ordering::Relaxed);
         if let Some(watchers) = &self.watchers {
             watchers.record(&outcome);
         }
@@ -315,21 +321,27 @@ impl Watchers {
     }
 }
 
+const OPEN: u8 = 0;
+const FINISHED: u8 = 1;
+const JOINED: u8 = 2;
+
 /// A layer's share in a request's exchange: the exchange itself for the owner (the outermost
-/// of the crate's layers), nothing for a layer that joined it.
+/// of the crate's layers), an empty one that records nothing for a layer that joined it.
 #[derive(Debug)]
-pub(crate) struct Share {
-    exchange: Option<Exchange>,
-}
+pub(crate) struct Share(Exchange);
 
 impl Share {
+    fn owner(&self) -> Option<&Exchange> {
+        (self.0.state.load(Ordering::Relaxed) != JOINED).then_some(&self.0)
+    }
+
     /// Polls `inner`; as the owner, in the span and recording a panic as the outcome.
     pub(crate) fn poll<F: Future>(
         &self,
         inner: Pin<&mut F>,
         cx: &mut Context<'_>,
     ) -> Poll<F::Output> {
-        match &self.exchange {
+        match self.owner() {
             Some(exchange) => exchange.poll(inner, cx),
             None => inner.poll(cx),
         }
@@ -338,7 +350,7 @@ impl Share {
     /// Drops the inner future with `drop`, so that the layers inside that joined find this
     /// request's outcome (or their own decision recorded).
     pub(crate) fn drop_inner(&self, drop: impl FnOnce()) {
-        match &self.exchange {
+        match self.owner() {
             Some(exchange) => {
                 let _entered = exchange.span().map(Span::enter);
                 exchange.inside(drop);
@@ -350,7 +362,7 @@ impl Share {
     /// Records an outcome this layer decided (a timeout, an upstream failure, a client gone),
     /// before it drops the inner future; returns whether it is the request's outcome.
     pub(crate) fn decide(&self, outcome: Outcome) -> bool {
-        match &self.exchange {
+        match self.owner() {
             Some(exchange) => exchange.finish(outcome),
             None => context::report(outcome),
         }
@@ -358,7 +370,7 @@ impl Share {
 
     /// The inner service produced a head (or an error): the owner records it.
     pub(crate) fn head<B, E>(&self, result: &Result<http::Response<B>, E>) {
-        if let Some(exchange) = &self.exchange {
+        if let Some(exchange) = self.owner() {
             exchange.finish(match result {
                 Ok(response) => head_outcome(response),
                 Err(_) => Outcome::failed(Phase::BeforeHead, None),
@@ -369,14 +381,15 @@ impl Share {
     /// The future is dropped: an owner that recorded nothing yet records
     /// [`Outcome::Dropped`].
     pub(crate) fn dropped(&self) {
-        if let Some(exchange) = &self.exchange {
+        if let Some(exchange) = self.owner() {
             exchange.finish(Outcome::dropped());
         }
     }
 
     /// The exchange, for the owner to hand on (to the response body).
     pub(crate) fn take_exchange(&mut self) -> Option<Exchange> {
-        self.exchange.take()
+        self.owner()?;
+        Some(std::mem::replace(&mut self.0, Exchange::joined()))
     }
 }
 

@@ -157,6 +157,22 @@ impl ResponseConfig {
         }))
     }
 
+    /// The `Proxy-Status` of the default proxy name, made without allocating.
+    fn static_proxy_status(&self, error: &str) -> Option<HeaderValue> {
+        if self.custom.is_some() {
+            return None;
+        }
+        let value = match error {
+            "http_response_timeout" => "tower-timeouts; error=http_response_timeout",
+            "connection_timeout" => "tower-timeouts; error=connection_timeout",
+            "connection_refused" => "tower-timeouts; error=connection_refused",
+            "connection_terminated" => "tower-timeouts; error=connection_terminated",
+            "destination_unavailable" => "tower-timeouts; error=destination_unavailable",
+            _ => return None,
+        };
+        Some(HeaderValue::from_static(value))
+    }
+
     fn proxy_name_bytes(&self) -> Option<&[u8]> {
         match self.custom.as_deref() {
             Some(custom) => custom.proxy_status.as_ref().map(HeaderValue::as_bytes),
@@ -200,7 +216,11 @@ impl ResponseConfig {
             None => default_response(&outcome),
         };
         if let (Some(name), Some(error)) = (self.proxy_name_bytes(), outcome.error_type()) {
-            if !response.headers().contains_key(PROXY_STATUS) {
+            if response.headers().contains_key(PROXY_STATUS) {
+                // The builder set its own.
+            } else if let (None, Some(value)) = (details, self.static_proxy_status(error)) {
+                response.headers_mut().insert(PROXY_STATUS, value);
+            } else {
                 let mut value = format!("{}; error={error}", String::from_utf8_lossy(name));
                 if let Some(details) = details {
                     value.push_str("; details=");
@@ -228,12 +248,18 @@ fn default_response(outcome: &Outcome) -> Response<Bytes> {
     let status = outcome
         .sent_status()
         .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
-    let text = match status.canonical_reason() {
-        Some(reason) => format!("{} {reason}\n", status.as_u16()),
-        None if status.as_u16() == 599 => "599 Network Connect Timeout Error\n".to_owned(),
-        None => format!("{}\n", status.as_u16()),
+    // The usual statuses without allocating.
+    let text = match status.as_u16() {
+        502 => Bytes::from_static(b"502 Bad Gateway\n"),
+        503 => Bytes::from_static(b"503 Service Unavailable\n"),
+        504 => Bytes::from_static(b"504 Gateway Timeout\n"),
+        599 => Bytes::from_static(b"599 Network Connect Timeout Error\n"),
+        code => Bytes::from(match status.canonical_reason() {
+            Some(reason) => format!("{code} {reason}\n"),
+            None => format!("{code}\n"),
+        }),
     };
-    let mut response = Response::new(Bytes::from(text));
+    let mut response = Response::new(text);
     *response.status_mut() = status;
     response.headers_mut().insert(
         CONTENT_TYPE,
@@ -375,9 +401,36 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outcome::ProxyError;
     use http::StatusCode;
     use http_body_util::BodyExt;
     use std::time::Duration;
+
+    /// The headers and bodies written out for speed are the ones the general code makes.
+    #[test]
+    fn static_responses_match_the_general_ones() {
+        let defaults = ResponseConfig::default();
+        for error in [
+            ProxyError::HttpResponseTimeout,
+            ProxyError::ConnectionTimeout,
+            ProxyError::ConnectionRefused,
+            ProxyError::ConnectionTerminated,
+            ProxyError::DestinationUnavailable,
+        ] {
+            let value = defaults.static_proxy_status(error.token()).unwrap();
+            assert_eq!(
+                value,
+                format!("{DEFAULT_PROXY_NAME}; error={}", error.token()).as_str()
+            );
+        }
+        for code in [502, 503, 504] {
+            let status = StatusCode::from_u16(code).unwrap();
+            let outcome = Outcome::response_timeout(Duration::from_secs(1), status);
+            let body = default_response(&outcome).into_body();
+            let expected = format!("{code} {}\n", status.canonical_reason().unwrap());
+            assert_eq!(body, expected.as_bytes());
+        }
+    }
 
     #[tokio::test]
     async fn default_timeout_response() {

@@ -1,6 +1,8 @@
 //! What the benches share: the inner future that is pending once, the way a request is driven,
-//! and the subscriber that records our span.
+//! and the subscriber that records our span; [`report`] for the benches that write results.
 #![allow(dead_code, unreachable_pub)]
+
+pub mod report;
 
 use std::fmt;
 use std::future::{poll_fn, Future};

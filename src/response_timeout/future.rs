@@ -1,11 +1,12 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use http::{Response, StatusCode};
 use pin_project_lite::pin_project;
 use tokio::task::{unconstrained, Unconstrained};
-use tokio::time::{sleep_until, Sleep};
+use tokio::time::{sleep_until, Instant, Sleep};
 
 use crate::deadline::Limit;
 use crate::outcome::Outcome;
@@ -17,9 +18,12 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         state: State<F>,
+        // Made at the first poll that finds the response not ready (or at `call`, for a
+        // `Deadline::at`).
         #[pin]
         sleep: Option<Unconstrained<Sleep>>,
-        limit: Limit,
+        // The limit, as reported; `None` when it never fires (beyond the clock's range).
+        timeout: Option<Duration>,
         share: Share,
         status: StatusCode,
         responses: ResponseConfig,
@@ -47,7 +51,7 @@ pin_project! {
 impl<F> std::fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture")
-            .field("limit", &self.limit)
+            .field("timeout", &self.timeout)
             .field("timer", &self.sleep.is_some())
             .field("share", &self.share)
             .finish_non_exhaustive()
@@ -62,10 +66,14 @@ impl<F> ResponseFuture<F> {
         status: StatusCode,
         responses: ResponseConfig,
     ) -> Self {
+        let (timeout, sleep) = match limit {
+            Limit::After(timeout) => (Some(timeout), None),
+            Limit::At(at, left) => (Some(left), Some(unconstrained(sleep_until(at)))),
+        };
         ResponseFuture {
             state: State::Running { inner },
-            sleep: None,
-            limit,
+            sleep,
+            timeout,
             share,
             status,
             responses,
@@ -102,8 +110,11 @@ where
         }
 
         if this.sleep.is_none() {
-            let Some(deadline) = this.limit.deadline() else {
-                *this.limit = Limit::Never;
+            let Some(deadline) = this
+                .timeout
+                .and_then(|timeout| Instant::now().checked_add(timeout))
+            else {
+                *this.timeout = None;
                 return Poll::Pending;
             };
             // Outside the coop budget, so that a busy inner future cannot starve the timer.
@@ -113,7 +124,7 @@ where
             ready!(sleep.poll(cx));
         }
 
-        let timeout = this.limit.timeout().unwrap_or_default();
+        let timeout = this.timeout.unwrap_or_default();
         let outcome = Outcome::response_timeout(timeout, *this.status);
         // Recorded before the inner future is dropped, so that a layer inside does not take
         // the drop for a client that left.

@@ -122,7 +122,9 @@ where
         let (share, inner) = self
             .config
             .recorder
-            .call(request, limit.timeout(), |request| inner.call(request));
+            .call(request, Some(limit.timeout()), |request| {
+                inner.call(request)
+            });
         ResponseFuture::new(
             inner,
             limit,
