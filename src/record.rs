@@ -135,6 +135,7 @@ impl Recorder {
     /// Calls the inner service with `call`, as a layer that joins the exchange an outer layer
     /// of the crate opened for this request (when that layer is calling in, on this thread),
     /// or as the owner of a new one. `timeout` is the limit this layer applies, for the span.
+    #[inline]
     pub(crate) fn call<B, T>(
         &self,
         request: Request<B>,
@@ -201,6 +202,7 @@ impl Exchange {
     /// Opens the exchange of a request; `nested` when it is made while another request's
     /// exchange polls (a gateway's call upstream): that one has the span and the event, and
     /// this one records into neither.
+    #[inline]
     fn open<B>(recorder: &Recorder, request: &Request<B>, nested: bool) -> Self {
         let span = if nested {
             Span::none()
@@ -234,6 +236,7 @@ impl Exchange {
     }
 
     /// The share of a layer that joined another's exchange: records nothing.
+    #[inline]
     fn joined() -> Self {
         Exchange {
             watchers: None,
@@ -241,11 +244,13 @@ impl Exchange {
         }
     }
 
+    #[inline]
     pub(crate) fn is_finished(&self) -> bool {
         self.state.load(Ordering::Relaxed) == FINISHED
     }
 
     /// Records `outcome` if no outcome was recorded yet; returns whether it was.
+    #[inline]
     pub(crate) fn finish(&self, outcome: Outcome) -> bool {
         if self.state.load(Ordering::Relaxed) != OPEN {
             return false;
@@ -257,18 +262,21 @@ impl Exchange {
         true
     }
 
+    #[inline]
     fn span(&self) -> Option<&Span> {
         self.watchers.as_ref().map(|watchers| &watchers.span)
     }
 
     /// Polls `inner` in the span, recording a panic as the outcome, and the outcome a layer
     /// inside decided.
+    #[inline]
     fn poll<F: Future>(&self, inner: Pin<&mut F>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let _entered = self.span().map(Span::enter);
         self.guarded(Phase::BeforeHead, None, || self.inside(|| inner.poll(cx)))
     }
 
     /// Runs `f` (a poll of wrapped code), recording a panic in it as the outcome.
+    #[inline]
     pub(crate) fn guarded<T>(
         &self,
         phase: Phase,
@@ -288,6 +296,7 @@ impl Exchange {
 
     /// Runs `f` (a poll or a drop of the inner future), and records the outcome a layer
     /// inside decided, if one did.
+    #[inline]
     fn inside<T>(&self, f: impl FnOnce() -> T) -> T {
         let polling = context::Polling::enter(self.is_finished());
         let output = f();
@@ -331,11 +340,13 @@ const JOINED: u8 = 2;
 pub(crate) struct Share(Exchange);
 
 impl Share {
+    #[inline]
     fn owner(&self) -> Option<&Exchange> {
         (self.0.state.load(Ordering::Relaxed) != JOINED).then_some(&self.0)
     }
 
     /// Polls `inner`; as the owner, in the span and recording a panic as the outcome.
+    #[inline]
     pub(crate) fn poll<F: Future>(
         &self,
         inner: Pin<&mut F>,
@@ -349,6 +360,7 @@ impl Share {
 
     /// Drops the inner future with `drop`, so that the layers inside that joined find this
     /// request's outcome (or their own decision recorded).
+    #[inline]
     pub(crate) fn drop_inner(&self, drop: impl FnOnce()) {
         match self.owner() {
             Some(exchange) => {
@@ -361,6 +373,7 @@ impl Share {
 
     /// Records an outcome this layer decided (a timeout, an upstream failure, a client gone),
     /// before it drops the inner future; returns whether it is the request's outcome.
+    #[inline]
     pub(crate) fn decide(&self, outcome: Outcome) -> bool {
         match self.owner() {
             Some(exchange) => exchange.finish(outcome),
@@ -369,6 +382,7 @@ impl Share {
     }
 
     /// The inner service produced a head (or an error): the owner records it.
+    #[inline]
     pub(crate) fn head<B, E>(&self, result: &Result<http::Response<B>, E>) {
         if let Some(exchange) = self.owner() {
             exchange.finish(match result {
@@ -380,6 +394,7 @@ impl Share {
 
     /// The future is dropped: an owner that recorded nothing yet records
     /// [`Outcome::Dropped`].
+    #[inline]
     pub(crate) fn dropped(&self) {
         if let Some(exchange) = self.owner() {
             exchange.finish(Outcome::dropped());
@@ -387,6 +402,7 @@ impl Share {
     }
 
     /// The exchange, for the owner to hand on (to the response body).
+    #[inline]
     pub(crate) fn take_exchange(&mut self) -> Option<Exchange> {
         self.owner()?;
         Some(std::mem::replace(&mut self.0, Exchange::joined()))
@@ -396,6 +412,7 @@ impl Share {
 /// The outcome of a response head: the one a [`Generated`] marker names (a response of ours
 /// that crossed into another request's exchange, as in a gateway that builds a new request),
 /// or a completion.
+#[inline]
 pub(crate) fn head_outcome<B>(response: &http::Response<B>) -> Outcome {
     match response.extensions().get::<Generated>() {
         Some(generated) => generated.outcome().clone(),
@@ -497,6 +514,7 @@ mod context {
 
     /// Joins the exchange of the owner calling in on this thread, if one is, with the joining
     /// layer's limit.
+    #[inline]
     pub(super) fn join(timeout: Option<Duration>) -> Role {
         STATE.with(|state| match state.stage.get() {
             Stage::Calling => {
@@ -512,6 +530,7 @@ mod context {
     }
 
     /// Reports the outcome a joined layer decided; returns whether it is the request's.
+    #[inline]
     pub(super) fn report(outcome: Outcome) -> bool {
         STATE.with(|state| {
             if state.stage.get() != Stage::Open {
@@ -538,6 +557,7 @@ mod context {
     }
 
     impl Calling {
+        #[inline]
         pub(super) fn enter() -> Self {
             STATE.with(|state| Calling {
                 stage: state.stage.replace(Stage::Calling),
@@ -546,6 +566,7 @@ mod context {
         }
 
         /// The smallest limit the layers that joined apply, in ms (`u64::MAX` for none).
+        #[inline]
         pub(super) fn leave(self) -> u64 {
             STATE.with(|state| state.timeout_ms.get())
         }
@@ -568,6 +589,7 @@ mod context {
     }
 
     impl Polling {
+        #[inline]
         pub(super) fn enter(finished: bool) -> Self {
             let stage = if finished { Stage::Closed } else { Stage::Open };
             STATE.with(|state| Polling {
@@ -577,6 +599,7 @@ mod context {
         }
 
         /// The outcome a layer inside decided, if one did.
+        #[inline]
         pub(super) fn leave(mut self) -> Option<Outcome> {
             let earlier = self.outcome.take();
             let stage = self.stage;

@@ -122,6 +122,7 @@ impl ClientGone {
     /// Runs `f` (a call or a poll of the inner service) with `gone` as the
     /// [`current`](ClientGone::current) signal; `gone` is the one made meanwhile, if none was
     /// there.
+    #[inline]
     pub(crate) fn scope<T>(gone: &mut Option<ClientGone>, f: impl FnOnce() -> T) -> T {
         struct Restore(Option<Option<ClientGone>>);
         impl Drop for Restore {

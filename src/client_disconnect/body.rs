@@ -29,6 +29,7 @@ impl<B> std::fmt::Debug for DisconnectBody<B> {
 }
 
 impl<B> DisconnectBody<B> {
+    #[inline]
     pub(super) fn new(inner: B, tracker: Tracker) -> Self {
         DisconnectBody {
             inner,
@@ -37,6 +38,7 @@ impl<B> DisconnectBody<B> {
     }
 
     /// A body an outer layer of the crate follows.
+    #[inline]
     pub(super) fn passed(inner: B) -> Self {
         DisconnectBody {
             inner,
@@ -62,6 +64,7 @@ pub(super) struct Tracker {
 }
 
 impl Tracker {
+    #[inline]
     pub(super) fn new<B: Body>(
         exchange: Exchange,
         gone: Option<ClientGone>,
@@ -115,6 +118,7 @@ where
     type Data = B::Data;
     type Error = B::Error;
 
+    #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -154,10 +158,12 @@ where
         polled
     }
 
+    #[inline]
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()
     }
 
+    #[inline]
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }

@@ -50,6 +50,7 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
 }
 
 impl<F> ResponseFuture<F> {
+    #[inline]
     pub(super) fn new(inner: F, share: Share, gone: Option<ClientGone>, is_head: bool) -> Self {
         ResponseFuture {
             inner: Some(inner),
@@ -67,6 +68,7 @@ where
 {
     type Output = Result<Response<DisconnectBody<B>>, E>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let inner = this

@@ -130,6 +130,7 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         // An outer layer's signal, or one the caller put there; else made on first use.
         let mut gone = request.extensions().get::<ClientGone>().cloned();

@@ -59,6 +59,7 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
 }
 
 impl<F> ResponseFuture<F> {
+    #[inline]
     pub(super) fn new(
         inner: F,
         limit: Limit,
@@ -95,6 +96,7 @@ where
 {
     type Output = Result<Response<ResponseBody<B>>, E>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let StateProj::Running { inner } = this.state.as_mut().project() else {

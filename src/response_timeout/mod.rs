@@ -113,6 +113,7 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let limit = match request.extensions().get::<Deadline>() {
             Some(deadline) => deadline.limit(),
