@@ -50,6 +50,7 @@ pub mod record;
 pub mod response;
 pub mod response_timeout;
 pub mod signal;
+mod timer;
 pub mod trace;
 pub mod upstream;
 

@@ -5,23 +5,22 @@ use std::time::Duration;
 
 use http::{Response, StatusCode};
 use pin_project_lite::pin_project;
-use tokio::task::{unconstrained, Unconstrained};
-use tokio::time::{sleep_until, Instant, Sleep};
+use tokio::time::Instant;
 
 use crate::deadline::Limit;
 use crate::outcome::Outcome;
 use crate::record::Share;
 use crate::response::{ResponseBody, ResponseConfig};
+use crate::timer::Timer;
 
 pin_project! {
     /// The response future of [`ResponseTimeout`](super::ResponseTimeout).
     pub struct ResponseFuture<F> {
         #[pin]
         state: State<F>,
-        // Made at the first poll that finds the response not ready (or at `call`, for a
+        // Armed at the first poll that finds the response not ready (or at `call`, for a
         // `Deadline::at`).
-        #[pin]
-        sleep: Option<Unconstrained<Sleep>>,
+        timer: Timer,
         // The limit, as reported; `None` when it never fires (beyond the clock's range).
         timeout: Option<Duration>,
         share: Share,
@@ -52,7 +51,7 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture")
             .field("timeout", &self.timeout)
-            .field("timer", &self.sleep.is_some())
+            .field("timer", &self.timer)
             .field("share", &self.share)
             .finish_non_exhaustive()
     }
@@ -67,14 +66,18 @@ impl<F> ResponseFuture<F> {
         status: StatusCode,
         responses: ResponseConfig,
     ) -> Self {
-        let (timeout, sleep) = match limit {
-            Limit::After(timeout) => (Some(timeout), None),
-            Limit::At(at, left) => (Some(left), Some(unconstrained(sleep_until(at)))),
+        let mut timer = Timer::default();
+        let timeout = match limit {
+            Limit::After(timeout) => timeout,
+            Limit::At(at, left) => {
+                timer.arm(at);
+                left
+            }
         };
         ResponseFuture {
             state: State::Running { inner },
-            sleep,
-            timeout,
+            timer,
+            timeout: Some(timeout),
             share,
             status,
             responses,
@@ -86,7 +89,7 @@ impl<F> ResponseFuture<F> {
 impl<F> ResponseFuture<F> {
     /// Whether a timer was created (and so registered when polled).
     pub(super) fn has_timer(&self) -> bool {
-        self.sleep.is_some()
+        self.timer.is_armed()
     }
 }
 
@@ -111,7 +114,7 @@ where
             return Poll::Ready(result.map(|response| response.map(ResponseBody::new)));
         }
 
-        if this.sleep.is_none() {
+        if !this.timer.is_armed() {
             let Some(deadline) = this
                 .timeout
                 .and_then(|timeout| Instant::now().checked_add(timeout))
@@ -119,12 +122,9 @@ where
                 *this.timeout = None;
                 return Poll::Pending;
             };
-            // Outside the coop budget, so that a busy inner future cannot starve the timer.
-            this.sleep.set(Some(unconstrained(sleep_until(deadline))));
+            this.timer.arm(deadline);
         }
-        if let Some(sleep) = this.sleep.as_pin_mut() {
-            ready!(sleep.poll(cx));
-        }
+        ready!(this.timer.poll(cx));
 
         let timeout = this.timeout.unwrap_or_default();
         let outcome = Outcome::response_timeout(timeout, *this.status);

@@ -29,6 +29,12 @@
 //!   first.
 //! - The timer is polled outside tokio's cooperative budget, so an inner future that keeps the
 //!   task busy cannot starve it (tokio#4314).
+//! - Timers are reused: when a response finishes before its limit, its timer (still
+//!   registered, its waker forgotten) is kept in a small pool of the thread, up to 32, and
+//!   the next response on that thread that needs a timer moves it to its own, later,
+//!   deadline. tokio does that without taking its timer lock, which registering and
+//!   cancelling a fresh timer both take. Under paused time (`tokio::time::pause`) a pooled
+//!   timer is one more timer the clock may auto-advance to; it wakes no task when it fires.
 //! - `Duration::ZERO` times out every request whose response is not ready at its first poll.
 //!   A limit beyond the clock's range (`Duration::MAX`) never fires and never registers a
 //!   timer. Neither panics.
