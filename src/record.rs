@@ -135,7 +135,7 @@ impl Recorder {
     /// Calls the inner service with `call`, as a layer that joins the exchange an outer layer
     /// of the crate opened for this request (when that layer is calling in, on this thread),
     /// or as the owner of a new one. `timeout` is the limit this layer applies, for the span.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn call<B, T>(
         &self,
         request: Request<B>,
@@ -204,33 +204,21 @@ impl Exchange {
     /// this one records into neither.
     #[inline]
     fn open<B>(recorder: &Recorder, request: &Request<B>, nested: bool) -> Self {
-        let span = if nested {
-            Span::none()
-        } else if recorder.current_span {
-            Span::current()
-        } else {
-            trace::make_span(request)
-        };
         // Whether an outcome event could be seen (the cheap, global check).
         let level = (!nested && tracing::level_filters::LevelFilter::current() >= recorder.level)
             .then_some(recorder.level);
-        let watchers =
-            (level.is_some() || recorder.hook.is_some() || !span.is_disabled()).then(|| {
-                Box::new(Watchers {
-                    start: Instant::now(),
-                    hook: recorder
-                        .hook
-                        .as_ref()
-                        .map(|hook| (hook.clone(), request.method().clone())),
-                    // The event names the request itself only when the span that would is off.
-                    details: (level.is_some() && span.is_disabled())
-                        .then(|| Box::new(trace::RequestDetails::of(request))),
-                    level,
-                    span,
-                })
-            });
+        // With no subscriber ever set, no span is made: tracing would otherwise hand each
+        // one to its `log` fallback (when its `log` feature is on, as axum's default features
+        // turn it on), at the cost of building all its fields for nothing.
+        let unseen = level.is_none()
+            && recorder.hook.is_none()
+            && (nested || !tracing::dispatcher::has_been_set());
         Exchange {
-            watchers,
+            watchers: if unseen {
+                None
+            } else {
+                Watchers::new(recorder, request, nested, level)
+            },
             state: AtomicU8::new(OPEN),
         }
     }
@@ -269,14 +257,14 @@ impl Exchange {
 
     /// Polls `inner` in the span, recording a panic as the outcome, and the outcome a layer
     /// inside decided.
-    #[inline]
+    #[inline(always)]
     fn poll<F: Future>(&self, inner: Pin<&mut F>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let _entered = self.span().map(Span::enter);
         self.guarded(Phase::BeforeHead, None, || self.inside(|| inner.poll(cx)))
     }
 
     /// Runs `f` (a poll of wrapped code), recording a panic in it as the outcome.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn guarded<T>(
         &self,
         phase: Phase,
@@ -296,7 +284,7 @@ impl Exchange {
 
     /// Runs `f` (a poll or a drop of the inner future), and records the outcome a layer
     /// inside decided, if one did.
-    #[inline]
+    #[inline(always)]
     fn inside<T>(&self, f: impl FnOnce() -> T) -> T {
         let polling = context::Polling::enter(self.is_finished());
         let output = f();
@@ -308,6 +296,37 @@ impl Exchange {
 }
 
 impl Watchers {
+    /// What is needed to show the outcome, if anyone can see it.
+    #[inline(never)]
+    fn new<B>(
+        recorder: &Recorder,
+        request: &Request<B>,
+        nested: bool,
+        level: Option<Level>,
+    ) -> Option<Box<Self>> {
+        let span = if nested || !tracing::dispatcher::has_been_set() {
+            Span::none()
+        } else if recorder.current_span {
+            Span::current()
+        } else {
+            trace::make_span(request)
+        };
+        (level.is_some() || recorder.hook.is_some() || !span.is_disabled()).then(|| {
+            Box::new(Watchers {
+                start: Instant::now(),
+                hook: recorder
+                    .hook
+                    .as_ref()
+                    .map(|hook| (hook.clone(), request.method().clone())),
+                // The event names the request itself only when the span that would is off.
+                details: (level.is_some() && span.is_disabled())
+                    .then(|| Box::new(trace::RequestDetails::of(request))),
+                level,
+                span,
+            })
+        })
+    }
+
     fn record(&self, outcome: &Outcome) {
         let elapsed = self.start.elapsed();
         trace::record_outcome(
@@ -346,7 +365,7 @@ impl Share {
     }
 
     /// Polls `inner`; as the owner, in the span and recording a panic as the outcome.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn poll<F: Future>(
         &self,
         inner: Pin<&mut F>,
@@ -360,7 +379,7 @@ impl Share {
 
     /// Drops the inner future with `drop`, so that the layers inside that joined find this
     /// request's outcome (or their own decision recorded).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn drop_inner(&self, drop: impl FnOnce()) {
         match self.owner() {
             Some(exchange) => {
@@ -382,7 +401,7 @@ impl Share {
     }
 
     /// The inner service produced a head (or an error): the owner records it.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn head<B, E>(&self, result: &Result<http::Response<B>, E>) {
         if let Some(exchange) = self.owner() {
             exchange.finish(match result {
@@ -394,7 +413,7 @@ impl Share {
 
     /// The future is dropped: an owner that recorded nothing yet records
     /// [`Outcome::Dropped`].
-    #[inline]
+    #[inline(always)]
     pub(crate) fn dropped(&self) {
         if let Some(exchange) = self.owner() {
             exchange.finish(Outcome::dropped());
@@ -589,7 +608,7 @@ mod context {
     }
 
     impl Polling {
-        #[inline]
+        #[inline(always)]
         pub(super) fn enter(finished: bool) -> Self {
             let stage = if finished { Stage::Closed } else { Stage::Open };
             STATE.with(|state| Polling {
@@ -599,7 +618,7 @@ mod context {
         }
 
         /// The outcome a layer inside decided, if one did.
-        #[inline]
+        #[inline(always)]
         pub(super) fn leave(mut self) -> Option<Outcome> {
             let earlier = self.outcome.take();
             let stage = self.stage;

@@ -3,34 +3,43 @@
 //! Registering a fresh `tokio::time::Sleep` takes the timer driver's lock (and on a
 //! multi-thread runtime may wake the driver's thread), and so does cancelling one that is
 //! dropped before it fires: together, most of what a timeout costs a response that is not
-//! ready at once. A timer whose response finished is instead kept, still registered, in a
-//! pool of the thread it finished on. The next response on that thread re-arms it to a later
-//! deadline, which tokio does without its lock (it only moves the entry's deadline; its
+//! ready at once. A boxed timer whose response finished is instead kept, still registered, in
+//! a pool of the thread it finished on. The next response on that thread re-arms it to a
+//! later deadline, which tokio does without its lock (it only moves the entry's deadline; its
 //! driver re-files the entry when the old one comes). An earlier deadline, or a timer that
 //! fired, is registered again as usual.
 //!
 //! A pooled timer keeps no waker (it is polled once with a no-op waker when put back), so it
 //! neither wakes nor keeps alive the task it served. Timers are only taken back on the runtime
-//! they were made on.
+//! they were made on. A thread makes a bounded number of boxed timers; past that, timers are
+//! inline, so that many responses pending at once cost no more memory than with
+//! `tokio::time::timeout`.
 
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::{pin, Pin};
 use std::task::{Context, Poll};
 
+use pin_project_lite::pin_project;
 use tokio::runtime::{self, Handle};
 use tokio::task::unconstrained;
 use tokio::time::{sleep_until, Instant, Sleep};
 
-/// Timers kept per thread, at most: enough to cover the responses that finish together on a
-/// busy worker, few enough that what a pool holds does not matter.
-const POOL_CAPACITY: usize = 32;
+/// Timers kept per thread for reuse, at most.
+const POOL_CAPACITY: usize = 64;
+
+/// Boxed (poolable) timers made per thread, at most; past that, a response whose thread has
+/// none pooled gets a timer inline, as `tokio::time::timeout` does. A box costs a request an
+/// allocation of its own, which at 100,000 requests in flight would double what each one
+/// costs; with this bound it stays a few kilobytes per thread.
+const BOXED_PER_THREAD: usize = 256;
 
 thread_local! {
     static POOL: RefCell<Pool> = const {
         RefCell::new(Pool {
             runtime: None,
             sleeps: Vec::new(),
+            boxed: 0,
         })
     };
 }
@@ -39,101 +48,168 @@ struct Pool {
     /// The runtime every timer in `sleeps` belongs to.
     runtime: Option<runtime::Id>,
     sleeps: Vec<Pin<Box<Sleep>>>,
+    /// Boxed timers made on this thread and not dropped since (roughly: a timer made on one
+    /// thread may be dropped on another).
+    boxed: usize,
 }
 
-/// A timer, armed or not.
-#[derive(Default)]
-pub(crate) struct Timer {
-    armed: Option<Armed>,
+impl Pool {
+    /// A pooled timer re-armed for `deadline`, or a new boxed one, unless this thread made
+    /// enough of those already.
+    fn take(&mut self, deadline: Instant) -> Option<(Pin<Box<Sleep>>, runtime::Id)> {
+        if self.sleeps.is_empty() && self.boxed >= BOXED_PER_THREAD {
+            return None;
+        }
+        let runtime = Handle::current().id();
+        if self.runtime != Some(runtime) {
+            // Timers of another (perhaps finished) runtime are of no more use here.
+            self.boxed = self.boxed.saturating_sub(self.sleeps.len());
+            self.sleeps.clear();
+            self.runtime = Some(runtime);
+        }
+        let sleep = match self.sleeps.pop() {
+            Some(mut sleep) => {
+                sleep.as_mut().reset(deadline);
+                sleep
+            }
+            None => {
+                self.boxed += 1;
+                Box::pin(sleep_until(deadline))
+            }
+        };
+        Some((sleep, runtime))
+    }
+
+    fn put_back(&mut self, sleep: Pin<Box<Sleep>>, runtime: runtime::Id) {
+        if self.runtime == Some(runtime) && self.sleeps.len() < POOL_CAPACITY {
+            if self.sleeps.capacity() == 0 {
+                self.sleeps.reserve_exact(POOL_CAPACITY);
+            }
+            self.sleeps.push(sleep);
+        } else {
+            self.boxed = self.boxed.saturating_sub(1);
+        }
+    }
 }
 
-struct Armed {
-    sleep: Pin<Box<Sleep>>,
-    runtime: runtime::Id,
+pin_project! {
+    /// A timer, armed or not.
+    pub(crate) struct Timer {
+        #[pin]
+        slot: Slot,
+    }
+
+    impl PinnedDrop for Timer {
+        fn drop(this: Pin<&mut Self>) {
+            if let SlotProj::Pooled { sleep, runtime } = this.project().slot.project() {
+                if let Some(sleep) = sleep.take() {
+                    put_back(sleep, *runtime);
+                }
+            }
+        }
+    }
+}
+
+pin_project! {
+    #[project = SlotProj]
+    enum Slot {
+        Idle,
+        /// To be armed for this deadline when first needed.
+        Due { deadline: Instant },
+        Inline { #[pin] sleep: Sleep },
+        Pooled { sleep: Option<Pin<Box<Sleep>>>, runtime: runtime::Id },
+    }
 }
 
 impl Timer {
+    /// A timer to be armed later.
+    pub(crate) const fn new() -> Self {
+        Timer { slot: Slot::Idle }
+    }
+
+    /// A timer to be armed for `deadline` when first needed.
+    pub(crate) const fn due(deadline: Instant) -> Self {
+        Timer {
+            slot: Slot::Due { deadline },
+        }
+    }
+
+    /// The deadline of a timer made with [`Timer::due`] and not armed yet.
+    pub(crate) fn due_deadline(&self) -> Option<Instant> {
+        match self.slot {
+            Slot::Due { deadline } => Some(deadline),
+            _ => None,
+        }
+    }
+
     pub(crate) fn is_armed(&self) -> bool {
-        self.armed.is_some()
+        matches!(self.slot, Slot::Inline { .. } | Slot::Pooled { .. })
     }
 
     /// Arms the timer for `deadline`. Like `tokio::time::sleep_until`, panics outside a Tokio
     /// runtime or when the runtime's timers are disabled.
     #[inline]
-    pub(crate) fn arm(&mut self, deadline: Instant) {
-        let runtime = Handle::current().id();
+    pub(crate) fn arm(self: Pin<&mut Self>, deadline: Instant) {
         let pooled = POOL
-            .try_with(|pool| {
-                let mut pool = pool.borrow_mut();
-                if pool.runtime == Some(runtime) {
-                    pool.sleeps.pop()
-                } else {
-                    None
-                }
-            })
+            .try_with(|pool| pool.try_borrow_mut().ok()?.take(deadline))
             .ok()
             .flatten();
-        let sleep = match pooled {
-            Some(mut sleep) => {
-                sleep.as_mut().reset(deadline);
-                sleep
-            }
-            None => Box::pin(sleep_until(deadline)),
-        };
-        self.armed = Some(Armed { sleep, runtime });
+        self.project().slot.set(match pooled {
+            Some((sleep, runtime)) => Slot::Pooled {
+                sleep: Some(sleep),
+                runtime,
+            },
+            None => Slot::Inline {
+                sleep: sleep_until(deadline),
+            },
+        });
     }
 
     /// Polls the armed timer, outside the coop budget so that a busy inner future cannot
     /// starve it. Pending when the timer is not armed.
     #[inline]
-    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        match &mut self.armed {
-            Some(armed) => pin!(unconstrained(armed.sleep.as_mut())).poll(cx),
-            None => Poll::Pending,
+    pub(crate) fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        match self.project().slot.project() {
+            SlotProj::Inline { sleep } => pin!(unconstrained(sleep)).poll(cx),
+            SlotProj::Pooled {
+                sleep: Some(sleep), ..
+            } => pin!(unconstrained(sleep.as_mut())).poll(cx),
+            SlotProj::Idle | SlotProj::Due { .. } | SlotProj::Pooled { sleep: None, .. } => {
+                Poll::Pending
+            }
         }
     }
 }
 
-impl Drop for Timer {
-    fn drop(&mut self) {
-        let Some(Armed { mut sleep, runtime }) = self.armed.take() else {
-            return;
-        };
-        if std::thread::panicking() {
-            return;
-        }
-        // Forget the task's waker, so that a pooled timer neither wakes nor keeps alive the
-        // task it served. A timer that fired (also when its runtime shut down, which tokio
-        // would not let it be polled after) keeps no waker.
-        if !sleep.is_elapsed() {
-            let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
-            let _ = pin!(unconstrained(sleep.as_mut())).poll(&mut cx);
-        }
-        // During the thread's teardown the pool is gone, and the timer is dropped as usual.
-        let _ = POOL.try_with(|pool| {
-            let Ok(mut pool) = pool.try_borrow_mut() else {
-                return;
-            };
-            if pool.runtime != Some(runtime) {
-                // Timers of another (perhaps finished) runtime are of no more use here.
-                pool.sleeps.clear();
-                pool.runtime = Some(runtime);
-            }
-            if pool.sleeps.capacity() == 0 {
-                pool.sleeps.reserve_exact(POOL_CAPACITY);
-            }
-            if pool.sleeps.len() < POOL_CAPACITY {
-                pool.sleeps.push(sleep);
-            }
-        });
+/// Puts a boxed timer back into this thread's pool, or drops it.
+fn put_back(mut sleep: Pin<Box<Sleep>>, runtime: runtime::Id) {
+    if std::thread::panicking() {
+        return;
     }
+    // Forget the task's waker, so that a pooled timer neither wakes nor keeps alive the task
+    // it served. A timer that fired (also when its runtime shut down, which tokio would not
+    // let it be polled after) keeps no waker.
+    if !sleep.is_elapsed() {
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        let _ = pin!(unconstrained(sleep.as_mut())).poll(&mut cx);
+    }
+    // During the thread's teardown the pool is gone, and the timer is dropped as usual.
+    let _ = POOL.try_with(|pool| {
+        if let Ok(mut pool) = pool.try_borrow_mut() {
+            pool.put_back(sleep, runtime);
+        }
+    });
 }
 
 impl std::fmt::Debug for Timer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Timer")
-            .field("armed", &self.armed.is_some())
-            .finish()
+        let slot = match self.slot {
+            Slot::Idle => "idle",
+            Slot::Due { .. } => "due",
+            Slot::Inline { .. } => "inline",
+            Slot::Pooled { .. } => "pooled",
+        };
+        f.debug_tuple("Timer").field(&slot).finish()
     }
 }
 
@@ -154,18 +230,18 @@ mod tests {
 
     /// A timer armed for `after` from now, polled once so that it is registered, then put back.
     fn pool_one(after: Duration) {
-        let mut timer = Timer::default();
-        timer.arm(Instant::now() + after);
+        let mut timer = pin!(Timer::new());
+        timer.as_mut().arm(Instant::now() + after);
         let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
         assert!(timer.poll(&mut cx).is_pending());
     }
 
     async fn fires_after(limit: Duration) {
         let start = Instant::now();
-        let mut timer = Timer::default();
-        timer.arm(start + limit);
+        let mut timer = pin!(Timer::new());
+        timer.as_mut().arm(start + limit);
         assert_eq!(pooled(), 0, "the pooled timer was not taken");
-        poll_fn(|cx| timer.poll(cx)).await;
+        poll_fn(|cx| timer.as_mut().poll(cx)).await;
         assert_eq!(start.elapsed(), limit);
     }
 
@@ -188,6 +264,28 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn boxed_timers_are_bounded_per_thread() {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let timers: Vec<_> = (0..BOXED_PER_THREAD + 10)
+            .map(|_| {
+                let mut timer = Box::pin(Timer::new());
+                timer.as_mut().arm(deadline);
+                timer
+            })
+            .collect();
+        let kinds: Vec<_> = timers.iter().map(|timer| format!("{timer:?}")).collect();
+        assert!(kinds[..BOXED_PER_THREAD]
+            .iter()
+            .all(|kind| kind.contains("pooled")));
+        assert!(kinds[BOXED_PER_THREAD..]
+            .iter()
+            .all(|kind| kind.contains("inline")));
+        drop(timers);
+        assert_eq!(pooled(), POOL_CAPACITY);
+        assert_eq!(POOL.with(|pool| pool.borrow().boxed), POOL_CAPACITY);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_pooled_timer_wakes_nobody() {
         struct Count(AtomicUsize);
         impl ArcWake for Count {
@@ -197,9 +295,14 @@ mod tests {
         }
         let count = Arc::new(Count(AtomicUsize::new(0)));
         let task = waker(count.clone());
-        let mut timer = Timer::default();
-        timer.arm(Instant::now() + Duration::from_millis(10));
-        assert!(timer.poll(&mut Context::from_waker(&task)).is_pending());
+        let mut timer = Box::pin(Timer::new());
+        timer
+            .as_mut()
+            .arm(Instant::now() + Duration::from_millis(10));
+        assert!(timer
+            .as_mut()
+            .poll(&mut Context::from_waker(&task))
+            .is_pending());
         drop(timer);
         assert_eq!(pooled(), 1);
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -223,9 +326,9 @@ mod tests {
         // The first runtime is gone; its timer must not be armed on this one.
         runtime().block_on(async {
             let start = Instant::now();
-            let mut timer = Timer::default();
-            timer.arm(start + Duration::from_millis(20));
-            poll_fn(|cx| timer.poll(cx)).await;
+            let mut timer = pin!(Timer::new());
+            timer.as_mut().arm(start + Duration::from_millis(20));
+            poll_fn(|cx| timer.as_mut().poll(cx)).await;
             assert_eq!(start.elapsed(), Duration::from_millis(20));
         });
         assert_eq!(pooled(), 1, "the old runtime's timer is still pooled");
@@ -237,11 +340,13 @@ mod tests {
             .enable_time()
             .build()
             .unwrap();
-        let mut timer = Timer::default();
+        let mut timer = Box::pin(Timer::new());
         runtime.block_on(async {
-            timer.arm(Instant::now() + Duration::from_secs(3600));
+            timer
+                .as_mut()
+                .arm(Instant::now() + Duration::from_secs(3600));
             let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
-            assert!(timer.poll(&mut cx).is_pending());
+            assert!(timer.as_mut().poll(&mut cx).is_pending());
         });
         drop(runtime);
         drop(timer);

@@ -18,8 +18,8 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         state: State<F>,
-        // Armed at the first poll that finds the response not ready (or at `call`, for a
-        // `Deadline::at`).
+        // Armed at the first poll that finds the response not ready.
+        #[pin]
         timer: Timer,
         // The limit, as reported; `None` when it never fires (beyond the clock's range).
         timeout: Option<Duration>,
@@ -58,7 +58,7 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
 }
 
 impl<F> ResponseFuture<F> {
-    #[inline]
+    #[inline(always)]
     pub(super) fn new(
         inner: F,
         limit: Limit,
@@ -66,13 +66,9 @@ impl<F> ResponseFuture<F> {
         status: StatusCode,
         responses: ResponseConfig,
     ) -> Self {
-        let mut timer = Timer::default();
-        let timeout = match limit {
-            Limit::After(timeout) => timeout,
-            Limit::At(at, left) => {
-                timer.arm(at);
-                left
-            }
+        let (timeout, timer) = match limit {
+            Limit::After(timeout) => (timeout, Timer::new()),
+            Limit::At(at, left) => (left, Timer::due(at)),
         };
         ResponseFuture {
             state: State::Running { inner },
@@ -115,14 +111,15 @@ where
         }
 
         if !this.timer.is_armed() {
-            let Some(deadline) = this
-                .timeout
-                .and_then(|timeout| Instant::now().checked_add(timeout))
-            else {
+            let deadline = this.timer.due_deadline().or_else(|| {
+                this.timeout
+                    .and_then(|timeout| Instant::now().checked_add(timeout))
+            });
+            let Some(deadline) = deadline else {
                 *this.timeout = None;
                 return Poll::Pending;
             };
-            this.timer.arm(deadline);
+            this.timer.as_mut().arm(deadline);
         }
         ready!(this.timer.poll(cx));
 

@@ -30,11 +30,14 @@
 //! - The timer is polled outside tokio's cooperative budget, so an inner future that keeps the
 //!   task busy cannot starve it (tokio#4314).
 //! - Timers are reused: when a response finishes before its limit, its timer (still
-//!   registered, its waker forgotten) is kept in a small pool of the thread, up to 32, and
+//!   registered, its waker forgotten) is kept in a small pool of the thread, up to 64, and
 //!   the next response on that thread that needs a timer moves it to its own, later,
 //!   deadline. tokio does that without taking its timer lock, which registering and
-//!   cancelling a fresh timer both take. Under paused time (`tokio::time::pause`) a pooled
-//!   timer is one more timer the clock may auto-advance to; it wakes no task when it fires.
+//!   cancelling a fresh timer both take. A reusable timer is a separate allocation, so a
+//!   thread makes at most 256; past that (thousands of responses pending at once), a timer
+//!   is kept inline in the response future, as `tower::timeout` keeps it. Under paused time
+//!   (`tokio::time::pause`) a pooled timer is one more timer the clock may auto-advance to;
+//!   it wakes no task when it fires.
 //! - `Duration::ZERO` times out every request whose response is not ready at its first poll.
 //!   A limit beyond the clock's range (`Duration::MAX`) never fires and never registers a
 //!   timer. Neither panics.
@@ -119,7 +122,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    #[inline]
+    #[inline(always)]
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let limit = match request.extensions().get::<Deadline>() {
             Some(deadline) => deadline.limit(),
