@@ -1,0 +1,146 @@
+//! Instructions per request, for a deterministic comparison: one stack, one path, `N`
+//! requests in a loop on a current-thread runtime, meant to be run under valgrind's cachegrind
+//! by `scripts/instructions.sh`, which takes the difference of two runs (`N` and `2N`) so that
+//! start-up cancels out.
+//!
+//! Wall-clock benches on a shared 2-core VM move by 10–20% from run to run; an instruction
+//! count does not move at all, which is what a change to the per-request path needs to be
+//! judged by. It is not a time: an instruction that takes a lock or misses the cache counts
+//! as one. `cargo bench --bench instructions` alone runs every row once and prints ns per
+//! request (a smoke run); `instructions ROW ready|pending N` runs one.
+//!
+//! Rows: `bare`, `tower_timeout`, `tower_http_pair` (on-early-drop around `TimeoutLayer`),
+//! `ours_response_timeout`, `ours_client_disconnect`, `ours_full_stack`; no subscriber.
+
+// Wall-clock timing of the smoke run, not the runtime's clock.
+#![allow(clippy::disallowed_types)]
+
+mod support;
+
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use support::{serve_one, PendingOnce, ReqBody};
+use tower::{Service, ServiceBuilder};
+use tower_http::on_early_drop::{EarlyDropsAsFailures, OnEarlyDropLayer};
+use tower_http::trace::DefaultOnFailure;
+use tower_timeouts::{ClientDisconnectLayer, ResponseTimeoutLayer};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+const ROWS: [&str; 6] = [
+    "bare",
+    "tower_timeout",
+    "tower_http_pair",
+    "ours_response_timeout",
+    "ours_client_disconnect",
+    "ours_full_stack",
+];
+
+#[derive(Clone, Copy, Debug)]
+struct Inner {
+    pending_once: bool,
+}
+
+impl<B> Service<Request<B>> for Inner {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = PendingOnce<Result<Response<Full<Bytes>>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<B>) -> Self::Future {
+        PendingOnce {
+            value: Some(Ok(Response::new(Full::new(Bytes::from_static(
+                b"hello, world",
+            ))))),
+            pending: self.pending_once,
+        }
+    }
+}
+
+async fn serve<S, B>(mut service: S, n: u64)
+where
+    S: Service<Request<ReqBody>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+{
+    for _ in 0..n {
+        serve_one(&mut service).await;
+    }
+}
+
+/// Runs `n` requests through `row`; returns the wall time per request, in ns.
+fn run(row: &str, pending_once: bool, n: u64) -> f64 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let inner = Inner { pending_once };
+    let start = Instant::now();
+    rt.block_on(async move {
+        match row {
+            "bare" => serve(inner, n).await,
+            "tower_timeout" => {
+                serve(ServiceBuilder::new().timeout(TIMEOUT).service(inner), n).await
+            }
+            "tower_http_pair" => {
+                let service = ServiceBuilder::new()
+                    .layer(OnEarlyDropLayer::new(EarlyDropsAsFailures::new(
+                        DefaultOnFailure::new(),
+                    )))
+                    .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        TIMEOUT,
+                    ))
+                    .service(inner);
+                serve(service, n).await
+            }
+            "ours_response_timeout" => {
+                let service = ServiceBuilder::new()
+                    .layer(ResponseTimeoutLayer::new(TIMEOUT))
+                    .service(inner);
+                serve(service, n).await
+            }
+            "ours_client_disconnect" => {
+                let service = ServiceBuilder::new()
+                    .layer(ClientDisconnectLayer::new())
+                    .service(inner);
+                serve(service, n).await
+            }
+            "ours_full_stack" => {
+                let service = ServiceBuilder::new()
+                    .layer(ClientDisconnectLayer::new())
+                    .layer(ResponseTimeoutLayer::new(TIMEOUT))
+                    .service(inner);
+                serve(service, n).await
+            }
+            other => panic!("unknown row {other:?}; rows: {ROWS:?}"),
+        }
+    });
+    start.elapsed().as_nanos() as f64 / n as f64
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [row, path, n] if !row.starts_with('-') => {
+            let n = n.parse().expect("N: a count of requests");
+            run(row, path == "pending", n);
+        }
+        // `cargo bench` passes `--bench` (and maybe a filter): the smoke run.
+        _ => {
+            for row in ROWS {
+                for (path, pending_once) in [("ready", false), ("pending", true)] {
+                    let ns = run(row, pending_once, 100_000);
+                    println!("instructions (smoke run): {row} {path}: {ns:.0} ns/request");
+                }
+            }
+        }
+    }
+}
