@@ -207,9 +207,7 @@ impl Exchange {
         // Whether an outcome event could be seen (the cheap, global check).
         let level = (!nested && tracing::level_filters::LevelFilter::current() >= recorder.level)
             .then_some(recorder.level);
-        // With no subscriber ever set, no span is made: tracing would otherwise hand each
-        // one to its `log` fallback (when its `log` feature is on, as axum's default features
-        // turn it on), at the cost of building all its fields for nothing.
+        // No event, no hook, and no span that anyone could see (see `Watchers::new`).
         let unseen = level.is_none()
             && recorder.hook.is_none()
             && (nested || !tracing::dispatcher::has_been_set());
@@ -304,6 +302,9 @@ impl Watchers {
         nested: bool,
         level: Option<Level>,
     ) -> Option<Box<Self>> {
+        // With no subscriber ever set, no span is made: tracing would otherwise hand each one
+        // to its `log` fallback (when its `log` feature is on, as axum's default features turn
+        // it on), at the cost of building all its fields for nothing.
         let span = if nested || !tracing::dispatcher::has_been_set() {
             Span::none()
         } else if recorder.current_span {
