@@ -17,14 +17,10 @@
 
 mod support;
 
-use std::convert::Infallible;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::Full;
-use support::{serve_one, PendingOnce, ReqBody};
+use support::{serve_one, Inner, ReqBody};
 use tower::{Service, ServiceBuilder};
 use tower_http::on_early_drop::{EarlyDropsAsFailures, OnEarlyDropLayer};
 use tower_http::trace::DefaultOnFailure;
@@ -39,30 +35,6 @@ const ROWS: [&str; 6] = [
     "ours_client_disconnect",
     "ours_full_stack",
 ];
-
-#[derive(Clone, Copy, Debug)]
-struct Inner {
-    pending_once: bool,
-}
-
-impl<B> Service<Request<B>> for Inner {
-    type Response = Response<Full<Bytes>>;
-    type Error = Infallible;
-    type Future = PendingOnce<Result<Response<Full<Bytes>>, Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: Request<B>) -> Self::Future {
-        PendingOnce {
-            value: Some(Ok(Response::new(Full::new(Bytes::from_static(
-                b"hello, world",
-            ))))),
-            pending: self.pending_once,
-        }
-    }
-}
 
 async fn serve<S, B>(mut service: S, n: u64)
 where

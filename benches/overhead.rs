@@ -44,21 +44,18 @@
 mod support;
 
 use std::cell::RefCell;
-use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::hint::black_box;
 use std::pin::pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Context;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
 use http::{Request, Response, StatusCode};
 use http_body::Body;
-use http_body_util::Full;
-use support::{serve_one, subscriber, PendingOnce, ReqBody};
+use support::{serve_one, subscriber, Inner, ReqBody};
 use tokio::runtime::{Builder, Runtime};
 use tower::{Service, ServiceBuilder};
 use tower_http::on_early_drop::{EarlyDropsAsFailures, OnEarlyDropLayer};
@@ -71,33 +68,6 @@ use tracing::{Dispatch, Event, Metadata, Subscriber};
 
 /// Long enough never to fire: every row measures the path where the response wins.
 const TIMEOUT: Duration = Duration::from_secs(10);
-
-type ResBody = Full<Bytes>;
-
-/// The inner service: answers a small `Full` body, at once or after one pending poll.
-#[derive(Clone, Copy, Debug)]
-struct Inner {
-    pending_once: bool,
-}
-
-impl<B> Service<Request<B>> for Inner {
-    type Response = Response<ResBody>;
-    type Error = Infallible;
-    type Future = PendingOnce<Result<Response<ResBody>, Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: Request<B>) -> Self::Future {
-        PendingOnce {
-            value: Some(Ok(Response::new(Full::new(Bytes::from_static(
-                b"hello, world",
-            ))))),
-            pending: self.pending_once,
-        }
-    }
-}
 
 fn current_thread() -> Runtime {
     Builder::new_current_thread().enable_all().build().unwrap()

@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
-use http_body_util::Empty;
+use http_body_util::{Empty, Full};
 use tower::{Service, ServiceExt};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -41,6 +41,32 @@ impl<T: Unpin> Future for PendingOnce<T> {
             return Poll::Pending;
         }
         Poll::Ready(self.value.take().expect("polled after completion"))
+    }
+}
+
+/// The inner service of the per-request benches: answers a small `Full` body, at once or
+/// after one pending poll.
+#[derive(Clone, Copy, Debug)]
+pub struct Inner {
+    pub pending_once: bool,
+}
+
+impl<B> Service<Request<B>> for Inner {
+    type Response = Response<Full<Bytes>>;
+    type Error = std::convert::Infallible;
+    type Future = PendingOnce<Result<Response<Full<Bytes>>, std::convert::Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<B>) -> Self::Future {
+        PendingOnce {
+            value: Some(Ok(Response::new(Full::new(Bytes::from_static(
+                b"hello, world",
+            ))))),
+            pending: self.pending_once,
+        }
     }
 }
 
