@@ -132,34 +132,68 @@ impl Recorder {
         self
     }
 
-    /// Calls the inner service with `call`, as a layer that joins the exchange an outer layer
-    /// of the crate opened for this request (when that layer is calling in, on this thread),
-    /// or as the owner of a new one. `timeout` is the limit this layer applies, for the span.
+    /// Starts this layer's call of the inner service: as a layer that joins the exchange an
+    /// outer layer of the crate opened for this request (when that layer is calling in, on this
+    /// thread), or as the owner of a new one. `timeout` is the limit this layer applies, for
+    /// the span.
     #[inline(always)]
-    pub(crate) fn call<B, T>(
-        &self,
-        request: Request<B>,
-        timeout: Option<Duration>,
-        call: impl FnOnce(Request<B>) -> T,
-    ) -> (Share, T) {
-        let exchange = match context::join(timeout) {
-            context::Role::Joined => return (Share(Exchange::joined()), call(request)),
-            context::Role::Owner { nested } => Exchange::open(self, &request, nested),
-        };
-        let calling = context::Calling::enter();
-        let output = match &exchange.watchers {
-            Some(watchers) => watchers.span.in_scope(|| call(request)),
-            None => call(request),
-        };
-        let joined_ms = calling.leave();
-        if let Some(watchers) = &exchange.watchers {
-            let own_ms = timeout.map_or(u64::MAX, trace::duration_ms);
-            let ms = own_ms.min(joined_ms);
-            if ms != u64::MAX && !watchers.span.is_disabled() {
-                watchers.span.record(trace::TIMEOUT_MS, ms);
+    pub(crate) fn start<B>(&self, request: &Request<B>, timeout: Option<Duration>) -> Call {
+        match context::join(timeout) {
+            context::Role::Joined => Call {
+                exchange: Exchange::joined(),
+                calling: None,
+                timeout,
+            },
+            context::Role::Owner { nested } => Call {
+                exchange: Exchange::open(self, request, nested),
+                calling: Some(context::Calling::enter()),
+                timeout,
+            },
+        }
+    }
+}
+
+/// A layer's call of its inner service, under way: made by [`Recorder::start`] before the
+/// call, made into the layer's [`Share`] by [`Call::end`] after it, and entered (into the
+/// request's span) around it with [`Call::enter`]. While it lasts, the crate's layers inside
+/// join the exchange of this one.
+///
+/// A guard rather than a function taking the call as a closure: that way the inner future is
+/// written where it will stay, not moved out of the closure's frame (a copy of the whole
+/// future, for every request).
+pub(crate) struct Call {
+    exchange: Exchange,
+    /// The owner's mark on the thread; `None` for a layer that joined.
+    calling: Option<context::Calling>,
+    timeout: Option<Duration>,
+}
+
+impl Call {
+    /// Enters the request's span, if this layer opened one, for the call.
+    #[inline(always)]
+    pub(crate) fn enter(&self) -> Option<tracing::span::Entered<'_>> {
+        self.exchange.span().map(Span::enter)
+    }
+
+    /// The call returned: this layer's share in the request's exchange.
+    #[inline(always)]
+    pub(crate) fn end(self) -> Share {
+        let Call {
+            exchange,
+            calling,
+            timeout,
+        } = self;
+        if let Some(calling) = calling {
+            let joined_ms = calling.leave();
+            if let Some(watchers) = &exchange.watchers {
+                let own_ms = timeout.map_or(u64::MAX, trace::duration_ms);
+                let ms = own_ms.min(joined_ms);
+                if ms != u64::MAX && !watchers.span.is_disabled() {
+                    watchers.span.record(trace::TIMEOUT_MS, ms);
+                }
             }
         }
-        (Share(exchange), output)
+        Share(exchange)
     }
 }
 
@@ -257,8 +291,21 @@ impl Exchange {
     /// inside decided.
     #[inline(always)]
     fn poll<F: Future>(&self, inner: Pin<&mut F>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        // Written out rather than as `guarded` around `inside`: the closures would each move
+        // the output (a whole response) once more.
         let _entered = self.span().map(Span::enter);
-        self.guarded(Phase::BeforeHead, None, || self.inside(|| inner.poll(cx)))
+        let panic_guard = PanicGuard {
+            exchange: self,
+            phase: Phase::BeforeHead,
+            sent_status: None,
+        };
+        let polling = context::Polling::enter(self.is_finished());
+        let output = inner.poll(cx);
+        if let Some(outcome) = polling.leave() {
+            self.finish(outcome);
+        }
+        std::mem::forget(panic_guard);
+        output
     }
 
     /// Runs `f` (a poll of wrapped code), recording a panic in it as the outcome.

@@ -119,22 +119,14 @@ impl ClientGone {
             .flatten()
     }
 
-    /// Runs `f` (a call or a poll of the inner service) with `gone` as the
-    /// [`current`](ClientGone::current) signal; `gone` is the one made meanwhile, if none was
-    /// there.
-    #[inline]
-    pub(crate) fn scope<T>(gone: &mut Option<ClientGone>, f: impl FnOnce() -> T) -> T {
-        struct Restore(Option<Option<ClientGone>>);
-        impl Drop for Restore {
-            fn drop(&mut self) {
-                CURRENT.set(self.0.take());
-            }
+    /// Makes `gone` the [`current`](ClientGone::current) signal for a call or a poll of the
+    /// inner service, until [`Scope::leave`]; a guard rather than a function taking the call as
+    /// a closure, so that what the call returns is not moved once more.
+    #[inline(always)]
+    pub(crate) fn enter(gone: Option<ClientGone>) -> Scope {
+        Scope {
+            outer: CURRENT.replace(Some(gone)),
         }
-        let restore = Restore(CURRENT.replace(Some(gone.take())));
-        let output = f();
-        *gone = CURRENT.replace(None).flatten();
-        drop(restore);
-        output
     }
 
     /// Whether the client has left.
@@ -156,6 +148,29 @@ impl ClientGone {
     pub(crate) fn fire(&self) {
         self.shared.gone.store(true, Ordering::Release);
         self.shared.notify.notify_waiters();
+    }
+}
+
+/// The time a [`ClientGone`] is the current one (see [`ClientGone::enter`]). Dropped without
+/// [`leave`](Scope::leave) (by a panic), it restores the signal it replaced.
+pub(crate) struct Scope {
+    outer: Option<Option<ClientGone>>,
+}
+
+impl Scope {
+    /// Restores the signal this one replaced; returns this one, or the one made meanwhile if
+    /// there was none.
+    #[inline(always)]
+    pub(crate) fn leave(mut self) -> Option<ClientGone> {
+        let outer = self.outer.take();
+        std::mem::forget(self);
+        CURRENT.replace(outer).flatten()
+    }
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        CURRENT.set(self.outer.take());
     }
 }
 

@@ -76,8 +76,10 @@ where
             .as_mut()
             .as_pin_mut()
             .expect("ResponseFuture polled after completion");
-        let share = &*this.share;
-        let Poll::Ready(result) = ClientGone::scope(this.gone, || share.poll(inner, cx)) else {
+        let scope = ClientGone::enter(this.gone.take());
+        let polled = this.share.poll(inner, cx);
+        *this.gone = scope.leave();
+        let Poll::Ready(result) = polled else {
             return Poll::Pending;
         };
         // Finished: nothing inside has anything left to record.

@@ -140,11 +140,13 @@ where
             gone = Some(signal);
         }
         let is_head = request.method() == http::Method::HEAD;
-        let inner = &mut self.inner;
-        let (share, inner) = self.recorder.call(request, None, |request| {
-            ClientGone::scope(&mut gone, || inner.call(request))
-        });
-        ResponseFuture::new(inner, share, gone, is_head)
+        let call = self.recorder.start(&request, None);
+        let entered = call.enter();
+        let scope = ClientGone::enter(gone);
+        let inner = self.inner.call(request);
+        let gone = scope.leave();
+        drop(entered);
+        ResponseFuture::new(inner, call.end(), gone, is_head)
     }
 }
 

@@ -128,17 +128,14 @@ where
             Some(deadline) => deadline.limit(),
             None => Limit::After(self.config.timeout),
         };
-        let inner = &mut self.inner;
-        let (share, inner) = self
-            .config
-            .recorder
-            .call(request, Some(limit.timeout()), |request| {
-                inner.call(request)
-            });
+        let call = self.config.recorder.start(&request, Some(limit.timeout()));
+        let entered = call.enter();
+        let inner = self.inner.call(request);
+        drop(entered);
         ResponseFuture::new(
             inner,
             limit,
-            share,
+            call.end(),
             self.config.status,
             self.config.responses.clone(),
         )

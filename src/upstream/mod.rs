@@ -210,12 +210,14 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let inner = &mut self.inner;
-        let not_ready = self.not_ready.take();
-        let (share, inner) = self.config.recorder.call(request, None, |request| {
-            // An error of `poll_ready` is answered at the first poll.
-            not_ready.map_or_else(|| Ok(inner.call(request)), Err)
-        });
-        UpstreamFuture::new(inner, share, self.config.clone())
+        let call = self.config.recorder.start(&request, None);
+        let entered = call.enter();
+        // An error of `poll_ready` is answered at the first poll.
+        let inner = match self.not_ready.take() {
+            Some(error) => Err(error),
+            None => Ok(self.inner.call(request)),
+        };
+        drop(entered);
+        UpstreamFuture::new(inner, call.end(), self.config.clone())
     }
 }
