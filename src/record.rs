@@ -142,13 +142,18 @@ impl Recorder {
             context::Role::Joined => Call {
                 exchange: Exchange::joined(),
                 calling: None,
+                entered: None,
                 timeout,
             },
-            context::Role::Owner { nested } => Call {
-                exchange: Exchange::open(self, request, nested),
-                calling: Some(context::Calling::enter()),
-                timeout,
-            },
+            context::Role::Owner { nested } => {
+                let exchange = Exchange::open(self, request, nested);
+                Call {
+                    calling: Some(context::Calling::enter()),
+                    entered: exchange.span().map(|span| span.clone().entered()),
+                    exchange,
+                    timeout,
+                }
+            }
         }
     }
 }
@@ -165,24 +170,22 @@ pub(crate) struct Call {
     exchange: Exchange,
     /// The owner's mark on the thread; `None` for a layer that joined.
     calling: Option<context::Calling>,
+    /// The request's span, entered for the call, if this layer opened one.
+    entered: Option<tracing::span::EnteredSpan>,
     timeout: Option<Duration>,
 }
 
 impl Call {
-    /// Enters the request's span, if this layer opened one, for the call.
-    #[inline(always)]
-    pub(crate) fn enter(&self) -> Option<tracing::span::Entered<'_>> {
-        self.exchange.span().map(Span::enter)
-    }
-
     /// The call returned: this layer's share in the request's exchange.
     #[inline(always)]
     pub(crate) fn end(self) -> Share {
         let Call {
             exchange,
             calling,
+            entered,
             timeout,
         } = self;
+        drop(entered);
         if let Some(calling) = calling {
             let joined_ms = calling.leave();
             if let Some(watchers) = &exchange.watchers {

@@ -218,3 +218,76 @@ async fn the_span_shows_the_limit_that_binds() {
         Some("150")
     );
 }
+
+/// The inner service runs in the request span both when it is called and when its future is
+/// polled, so that what it logs (and the spans it opens) belong to the request; for each of the
+/// crate's layers as the one that opens the span.
+#[tokio::test(start_paused = true)]
+async fn the_inner_service_is_called_and_polled_in_the_request_span() {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use tower::Layer;
+
+    #[derive(Clone)]
+    struct LogsInCall;
+
+    impl tower::Service<Request<Body>> for LogsInCall {
+        type Response = Response<Body>;
+        type Error = Infallible;
+        type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Request<Body>) -> Self::Future {
+            tracing::info!(stage = "call");
+            Box::pin(async {
+                tracing::info!(stage = "poll");
+                Ok(Response::new(Body::from("ok")))
+            })
+        }
+    }
+
+    async fn events_of(
+        service: impl tower::Service<
+            Request<Body>,
+            Response = Response<impl http_body::Body>,
+            Error = Infallible,
+        >,
+    ) -> Vec<common::Captured> {
+        let (capture, _guard) = Capture::install();
+        let response = service.oneshot(get("/")).await.unwrap();
+        drop(response);
+        capture.wait_spans(1).await;
+        capture.events()
+    }
+
+    let stacks = [
+        (
+            "ClientDisconnect",
+            events_of(ClientDisconnectLayer::new().layer(LogsInCall)).await,
+        ),
+        (
+            "ResponseTimeout",
+            events_of(ResponseTimeoutLayer::new(Duration::from_secs(1)).layer(LogsInCall)).await,
+        ),
+    ];
+    for (layer, events) in stacks {
+        for stage in ["call", "poll"] {
+            let event = events
+                .iter()
+                .find(|event| event.fields.get("stage").map(String::as_str) == Some(stage))
+                .unwrap_or_else(|| panic!("{layer}: no event in {stage}: {events:?}"));
+            let parent = event.parent.as_ref();
+            assert_eq!(
+                parent
+                    .and_then(|fields| fields.get(trace::URL_PATH))
+                    .map(String::as_str),
+                Some("/"),
+                "{layer}: the {stage} event's parent is the request span: {event:?}"
+            );
+        }
+    }
+}

@@ -141,11 +141,9 @@ where
         }
         let is_head = request.method() == http::Method::HEAD;
         let call = self.recorder.start(&request, None);
-        let entered = call.enter();
         let scope = ClientGone::enter(gone);
         let inner = self.inner.call(request);
         let gone = scope.leave();
-        drop(entered);
         ResponseFuture::new(inner, call.end(), gone, is_head)
     }
 }

@@ -129,9 +129,7 @@ where
             None => Limit::After(self.config.timeout),
         };
         let call = self.config.recorder.start(&request, Some(limit.timeout()));
-        let entered = call.enter();
         let inner = self.inner.call(request);
-        drop(entered);
         ResponseFuture::new(
             inner,
             limit,

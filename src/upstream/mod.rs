@@ -211,13 +211,11 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let call = self.config.recorder.start(&request, None);
-        let entered = call.enter();
         // An error of `poll_ready` is answered at the first poll.
         let inner = match self.not_ready.take() {
             Some(error) => Err(error),
             None => Ok(self.inner.call(request)),
         };
-        drop(entered);
         UpstreamFuture::new(inner, call.end(), self.config.clone())
     }
 }
