@@ -159,13 +159,14 @@ impl Recorder {
 }
 
 /// A layer's call of its inner service, under way: made by [`Recorder::start`] before the
-/// call, made into the layer's [`Share`] by [`Call::end`] after it, and entered (into the
-/// request's span) around it with [`Call::enter`]. While it lasts, the crate's layers inside
-/// join the exchange of this one.
+/// call, made into the layer's [`Share`] by [`Call::end`] after it. While it lasts, the
+/// request's span (if this layer opened one) is entered, and the crate's layers inside join
+/// the exchange of this one; dropped by a panic of the call, it restores the thread's state.
 ///
 /// A guard rather than a function taking the call as a closure: that way the inner future is
 /// written where it will stay, not moved out of the closure's frame (a copy of the whole
-/// future, for every request).
+/// future, for every request). It owns what it entered, so that the call site holds no borrow
+/// of it across the call, which costs the ready path a few more copies.
 pub(crate) struct Call {
     exchange: Exchange,
     /// The owner's mark on the thread; `None` for a layer that joined.
