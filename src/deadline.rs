@@ -19,6 +19,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::timer::Timer;
+
 /// A per-request time limit, read from the request's extensions.
 ///
 /// [`Deadline::after`] is measured like the layer's own limit (from the first poll of the
@@ -51,28 +53,12 @@ impl Deadline {
         }
     }
 
-    pub(crate) fn limit(self) -> Limit {
+    /// The limit as reported (for an absolute deadline: the time left to it now), and its
+    /// timer.
+    pub(crate) fn timer(self) -> (Duration, Timer) {
         match self.kind {
-            Kind::After(timeout) => Limit::After(timeout),
-            Kind::At(at) => Limit::At(at, at.saturating_duration_since(Instant::now())),
-        }
-    }
-}
-
-/// The limit a response future works with.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Limit {
-    /// Measured from the first poll.
-    After(Duration),
-    /// An absolute deadline, and the time that was left to it at `call` (what is reported).
-    At(Instant, Duration),
-}
-
-impl Limit {
-    /// The limit as reported in the outcome and the span.
-    pub(crate) fn timeout(self) -> Duration {
-        match self {
-            Limit::After(timeout) | Limit::At(_, timeout) => timeout,
+            Kind::After(timeout) => (timeout, Timer::after(timeout)),
+            Kind::At(at) => (at.saturating_duration_since(Instant::now()), Timer::at(at)),
         }
     }
 }

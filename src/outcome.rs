@@ -171,6 +171,23 @@ impl Outcome {
         Outcome::Dropped {}
     }
 
+    /// The outcome of a generated response that passes a layer with `status`: a layer between
+    /// may have rewritten the status it was generated with.
+    pub(crate) fn sent_as(mut self, sent: StatusCode) -> Self {
+        match &mut self {
+            Outcome::Completed { status }
+            | Outcome::ResponseTimeout { status, .. }
+            | Outcome::ConnectTimeout { status, .. }
+            | Outcome::ConnectFailed { status, .. }
+            | Outcome::UpstreamFailed { status, .. } => *status = sent,
+            Outcome::ClientDisconnected { .. }
+            | Outcome::Failed { .. }
+            | Outcome::Panicked { .. }
+            | Outcome::Dropped {} => {}
+        }
+        self
+    }
+
     /// A short, stable name for the outcome: the value of the `tower_timeouts.outcome` span
     /// field (`completed`, `response_timeout`, `connect_timeout`, `connect_failed`,
     /// `upstream_failed`, `client_disconnected`, `failed`, `panicked`, `dropped`).

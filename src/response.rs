@@ -55,6 +55,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::outcome::Outcome;
+use crate::record::{Followed, Tail};
 
 /// `Proxy-Status` (RFC 9209).
 pub const PROXY_STATUS: HeaderName = HeaderName::from_static("proxy-status");
@@ -303,12 +304,17 @@ fn push_sf_string(out: &mut String, text: &str) {
 
 pin_project! {
     /// The response body of a layer that may answer in place of its inner service: the inner
-    /// service's body, or the bytes of a generated response.
+    /// service's body, or the bytes of a generated response. A struct with private fields, so
+    /// that what it holds can change; [`is_generated`](ResponseBody::is_generated) tells the
+    /// two apart.
     ///
-    /// See the [module docs](crate::response#why-an-enum-body) for why an enum.
+    /// See the [module docs](crate::response#why-an-enum-body) for why an enum inside.
     pub struct ResponseBody<B> {
         #[pin]
         kind: Kind<B>,
+        // Follows the body to its end, when this layer records the request and a layer on it
+        // watches for clients that leave.
+        tail: Option<Box<Tail>>,
     }
 }
 
@@ -325,6 +331,7 @@ impl<B> ResponseBody<B> {
     pub fn new(body: B) -> Self {
         ResponseBody {
             kind: Kind::Inner { body },
+            tail: None,
         }
     }
 
@@ -333,6 +340,7 @@ impl<B> ResponseBody<B> {
             kind: Kind::Generated {
                 data: (!data.is_empty()).then_some(data),
             },
+            tail: None,
         }
     }
 
@@ -361,6 +369,46 @@ impl<B> Default for ResponseBody<B> {
     }
 }
 
+impl<B> Body for Kind<B>
+where
+    B: Body,
+    B::Data: From<Bytes>,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    #[inline]
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        match self.project() {
+            KindProj::Inner { body } => body.poll_frame(cx),
+            KindProj::Generated { data } => {
+                Poll::Ready(data.take().map(|data| Ok(Frame::data(data.into()))))
+            }
+        }
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Kind::Inner { body } => body.is_end_stream(),
+            Kind::Generated { data } => data.is_none(),
+        }
+    }
+
+    #[inline]
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Kind::Inner { body } => body.size_hint(),
+            Kind::Generated { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |data| data.len() as u64))
+            }
+        }
+    }
+}
+
 impl<B> Body for ResponseBody<B>
 where
     B: Body,
@@ -369,32 +417,41 @@ where
     type Data = B::Data;
     type Error = B::Error;
 
+    #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        match self.project().kind.project() {
-            KindProj::Inner { body } => body.poll_frame(cx),
-            KindProj::Generated { data } => {
-                Poll::Ready(data.take().map(|data| Ok(Frame::data(data.into()))))
-            }
+        let this = self.project();
+        let Some(tail) = this.tail else {
+            return this.kind.poll_frame(cx);
+        };
+        let polled = tail.poll_frame(this.kind, cx);
+        if tail.is_done() {
+            // Records the end now rather than when the server drops the body.
+            *this.tail = None;
         }
+        polled
     }
 
+    #[inline]
     fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Inner { body } => body.is_end_stream(),
-            Kind::Generated { data } => data.is_none(),
-        }
+        self.kind.is_end_stream()
     }
 
+    #[inline]
     fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::Inner { body } => body.size_hint(),
-            Kind::Generated { data } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |data| data.len() as u64))
-            }
-        }
+        self.kind.size_hint()
+    }
+}
+
+impl<B> Followed for ResponseBody<B>
+where
+    B: Body,
+    B::Data: From<Bytes>,
+{
+    fn follow(&mut self, tail: Tail) {
+        self.tail = Some(Box::new(tail));
     }
 }
 

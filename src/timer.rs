@@ -19,6 +19,7 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::pin::{pin, Pin};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use tokio::runtime::{self, Handle};
@@ -93,7 +94,9 @@ impl Pool {
 }
 
 pin_project! {
-    /// A timer, armed or not.
+    /// A response's limit: armed at the first [`poll_expired`](Timer::poll_expired) (the first
+    /// time the response is not ready), so that a response ready at once never reads the
+    /// clock or registers a timer.
     pub(crate) struct Timer {
         #[pin]
         slot: Slot,
@@ -113,43 +116,74 @@ pin_project! {
 pin_project! {
     #[project = SlotProj]
     enum Slot {
-        Idle,
-        /// To be armed for this deadline when first needed.
-        Due { deadline: Instant },
+        /// To be armed for this long from the first poll.
+        After { timeout: Duration },
+        /// To be armed for this deadline.
+        At { deadline: Instant },
+        /// Beyond the clock's range: never fires.
+        Never,
         Inline { #[pin] sleep: Sleep },
         Pooled { sleep: Option<Pin<Box<Sleep>>>, runtime: runtime::Id },
     }
 }
 
 impl Timer {
-    /// A timer to be armed later.
-    pub(crate) const fn new() -> Self {
-        Timer { slot: Slot::Idle }
-    }
-
-    /// A timer to be armed for `deadline` when first needed.
-    pub(crate) const fn due(deadline: Instant) -> Self {
+    /// A limit of `timeout` from the first poll.
+    pub(crate) const fn after(timeout: Duration) -> Self {
         Timer {
-            slot: Slot::Due { deadline },
+            slot: Slot::After { timeout },
         }
     }
 
-    /// The deadline of a timer made with [`Timer::due`] and not armed yet.
-    pub(crate) fn due_deadline(&self) -> Option<Instant> {
-        match self.slot {
-            Slot::Due { deadline } => Some(deadline),
-            _ => None,
+    /// A limit at `deadline`.
+    pub(crate) const fn at(deadline: Instant) -> Self {
+        Timer {
+            slot: Slot::At { deadline },
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn is_armed(&self) -> bool {
         matches!(self.slot, Slot::Inline { .. } | Slot::Pooled { .. })
     }
 
-    /// Arms the timer for `deadline`. Like `tokio::time::sleep_until`, panics outside a Tokio
-    /// runtime or when the runtime's timers are disabled.
+    /// Whether the limit has passed, arming the timer if this is its first poll. A limit that
+    /// has passed already (`Duration::ZERO`, a deadline in the past) is ready at once, without
+    /// a timer; one beyond the clock's range is never ready and registers nothing. The timer
+    /// is polled outside tokio's coop budget, so that a busy inner future cannot starve it.
+    ///
+    /// Like `tokio::time::sleep`, panics outside a Tokio runtime or when the runtime's timers
+    /// are disabled, the first time it arms a timer.
     #[inline]
-    pub(crate) fn arm(self: Pin<&mut Self>, deadline: Instant) {
+    pub(crate) fn poll_expired(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let deadline = match self.slot {
+            Slot::After { timeout } if timeout.is_zero() => return Poll::Ready(()),
+            Slot::After { timeout } => Instant::now().checked_add(timeout),
+            Slot::At { deadline } if deadline <= Instant::now() => return Poll::Ready(()),
+            Slot::At { deadline } => Some(deadline),
+            Slot::Never => return Poll::Pending,
+            Slot::Inline { .. } | Slot::Pooled { .. } => None,
+        };
+        if let Slot::After { .. } | Slot::At { .. } = self.slot {
+            match deadline {
+                Some(deadline) => self.as_mut().arm(deadline),
+                None => {
+                    self.project().slot.set(Slot::Never);
+                    return Poll::Pending;
+                }
+            }
+        }
+        match self.project().slot.project() {
+            SlotProj::Inline { sleep } => pin!(unconstrained(sleep)).poll(cx),
+            SlotProj::Pooled {
+                sleep: Some(sleep), ..
+            } => pin!(unconstrained(sleep.as_mut())).poll(cx),
+            _ => Poll::Pending,
+        }
+    }
+
+    #[inline]
+    fn arm(self: Pin<&mut Self>, deadline: Instant) {
         let pooled = POOL
             .try_with(|pool| pool.try_borrow_mut().ok()?.take(deadline))
             .ok()
@@ -163,21 +197,6 @@ impl Timer {
                 sleep: sleep_until(deadline),
             },
         });
-    }
-
-    /// Polls the armed timer, outside the coop budget so that a busy inner future cannot
-    /// starve it. Pending when the timer is not armed.
-    #[inline]
-    pub(crate) fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        match self.project().slot.project() {
-            SlotProj::Inline { sleep } => pin!(unconstrained(sleep)).poll(cx),
-            SlotProj::Pooled {
-                sleep: Some(sleep), ..
-            } => pin!(unconstrained(sleep.as_mut())).poll(cx),
-            SlotProj::Idle | SlotProj::Due { .. } | SlotProj::Pooled { sleep: None, .. } => {
-                Poll::Pending
-            }
-        }
     }
 }
 
@@ -204,8 +223,8 @@ fn put_back(mut sleep: Pin<Box<Sleep>>, runtime: runtime::Id) {
 impl std::fmt::Debug for Timer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let slot = match self.slot {
-            Slot::Idle => "idle",
-            Slot::Due { .. } => "due",
+            Slot::After { .. } | Slot::At { .. } => "unarmed",
+            Slot::Never => "never",
             Slot::Inline { .. } => "inline",
             Slot::Pooled { .. } => "pooled",
         };
@@ -215,12 +234,10 @@ impl std::fmt::Debug for Timer {
 
 #[cfg(test)]
 mod tests {
+    use futures_util::task::{waker, ArcWake};
     use std::future::poll_fn;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
-    use std::time::Duration;
-
-    use futures_util::task::{waker, ArcWake};
 
     use super::*;
 
@@ -230,18 +247,18 @@ mod tests {
 
     /// A timer armed for `after` from now, polled once so that it is registered, then put back.
     fn pool_one(after: Duration) {
-        let mut timer = pin!(Timer::new());
-        timer.as_mut().arm(Instant::now() + after);
+        let timer = pin!(Timer::at(Instant::now() + after));
         let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
-        assert!(timer.poll(&mut cx).is_pending());
+        assert!(timer.poll_expired(&mut cx).is_pending());
     }
 
     async fn fires_after(limit: Duration) {
         let start = Instant::now();
-        let mut timer = pin!(Timer::new());
-        timer.as_mut().arm(start + limit);
+        let mut timer = pin!(Timer::at(start + limit));
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        assert!(timer.as_mut().poll_expired(&mut cx).is_pending());
         assert_eq!(pooled(), 0, "the pooled timer was not taken");
-        poll_fn(|cx| timer.as_mut().poll(cx)).await;
+        poll_fn(|cx| timer.as_mut().poll_expired(cx)).await;
         assert_eq!(start.elapsed(), limit);
     }
 
@@ -268,8 +285,9 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(1);
         let timers: Vec<_> = (0..BOXED_PER_THREAD + 10)
             .map(|_| {
-                let mut timer = Box::pin(Timer::new());
-                timer.as_mut().arm(deadline);
+                let mut timer = Box::pin(Timer::at(deadline));
+                let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+                assert!(timer.as_mut().poll_expired(&mut cx).is_pending());
                 timer
             })
             .collect();
@@ -295,13 +313,10 @@ mod tests {
         }
         let count = Arc::new(Count(AtomicUsize::new(0)));
         let task = waker(count.clone());
-        let mut timer = Box::pin(Timer::new());
-        timer
-            .as_mut()
-            .arm(Instant::now() + Duration::from_millis(10));
+        let mut timer = Box::pin(Timer::at(Instant::now() + Duration::from_millis(10)));
         assert!(timer
             .as_mut()
-            .poll(&mut Context::from_waker(&task))
+            .poll_expired(&mut Context::from_waker(&task))
             .is_pending());
         drop(timer);
         assert_eq!(pooled(), 1);
@@ -326,9 +341,8 @@ mod tests {
         // The first runtime is gone; its timer must not be armed on this one.
         runtime().block_on(async {
             let start = Instant::now();
-            let mut timer = pin!(Timer::new());
-            timer.as_mut().arm(start + Duration::from_millis(20));
-            poll_fn(|cx| timer.as_mut().poll(cx)).await;
+            let mut timer = pin!(Timer::at(start + Duration::from_millis(20)));
+            poll_fn(|cx| timer.as_mut().poll_expired(cx)).await;
             assert_eq!(start.elapsed(), Duration::from_millis(20));
         });
         assert_eq!(pooled(), 1, "the old runtime's timer is still pooled");
@@ -340,13 +354,10 @@ mod tests {
             .enable_time()
             .build()
             .unwrap();
-        let mut timer = Box::pin(Timer::new());
+        let mut timer = Box::pin(Timer::after(Duration::from_secs(3600)));
         runtime.block_on(async {
-            timer
-                .as_mut()
-                .arm(Instant::now() + Duration::from_secs(3600));
             let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
-            assert!(timer.as_mut().poll(&mut cx).is_pending());
+            assert!(timer.as_mut().poll_expired(&mut cx).is_pending());
         });
         drop(runtime);
         drop(timer);

@@ -72,9 +72,12 @@ pub const RECORDED_STATUS: &str = "tower_timeouts.recorded_status";
 /// `tower_timeouts.elapsed_ms`
 pub const ELAPSED_MS: &str = "tower_timeouts.elapsed_ms";
 
-/// `server.address`, on the `connect` span.
+/// `url.full`, on the `upstream` span.
+pub const URL_FULL: &str = "url.full";
+
+/// `server.address`, on the `connect` and `upstream` spans.
 pub const SERVER_ADDRESS: &str = "server.address";
-/// `server.port`, on the `connect` span.
+/// `server.port`, on the `connect` and `upstream` spans.
 pub const SERVER_PORT: &str = "server.port";
 /// `tower_timeouts.connect_ms`, on the `connect` span: how long the attempt took.
 pub const CONNECT_MS: &str = "tower_timeouts.connect_ms";
@@ -86,6 +89,10 @@ pub const CONNECT_SPAN_NAME: &str = "connect";
 
 /// The name of the span the crate opens for a request.
 pub const SPAN_NAME: &str = "request";
+
+/// The name of the span the crate opens for a call a handler makes upstream, through an
+/// [`UpstreamFailureLayer`](crate::UpstreamFailureLayer).
+pub const UPSTREAM_SPAN_NAME: &str = "upstream";
 
 /// Opens the crate's request span (at INFO, named [`SPAN_NAME`]), a child of the current span,
 /// with every field the crate records declared.
@@ -128,6 +135,42 @@ pub fn make_span<B>(request: &Request<B>) -> Span {
     span
 }
 
+/// Opens the span of a call a handler makes upstream (at INFO, named [`UPSTREAM_SPAN_NAME`],
+/// `otel.kind = client`): a child of `parent` (the span of the request the handler serves,
+/// when the upstream request carries that request's extensions), else of the current span.
+pub(crate) fn make_upstream_span<B>(request: &Request<B>, parent: Option<&Span>) -> Span {
+    let uri = request.uri();
+    let port = uri.port_u16().or(match uri.scheme_str() {
+        Some("https") => Some(443),
+        Some("http") => Some(80),
+        _ => None,
+    });
+    macro_rules! upstream_span {
+        ($($parent:tt)*) => {
+            tracing::info_span!(
+                $($parent)*
+                UPSTREAM_SPAN_NAME,
+                { HTTP_REQUEST_METHOD } = %request.method(),
+                { URL_FULL } = %uri,
+                { SERVER_ADDRESS } = uri.host(),
+                { SERVER_PORT } = port,
+                { OTEL_KIND } = "client",
+                { HTTP_RESPONSE_STATUS_CODE } = Empty,
+                { ERROR_TYPE } = Empty,
+                { OTEL_STATUS_CODE } = Empty,
+                { OUTCOME } = Empty,
+                { TIMEOUT_MS } = Empty,
+                { RECORDED_STATUS } = Empty,
+                { ELAPSED_MS } = Empty,
+            )
+        };
+    }
+    match parent {
+        Some(parent) => upstream_span!(parent: parent,),
+        None => upstream_span!(),
+    }
+}
+
 /// What the outcome event says of the request when the request span is off.
 #[derive(Debug)]
 pub(crate) struct RequestDetails {
@@ -146,29 +189,41 @@ impl RequestDetails {
     }
 }
 
-/// Records the end of the request into `span`, and emits the event for anything but a normal
-/// completion.
+/// Records the end of the request into `span`, and emits the event (at `level`) for anything
+/// but a normal completion. `limit_ms` is the smallest limit the layers on the request applied;
+/// `upstream` for the span of an upstream call, whose status code is the one received.
 pub(crate) fn record_outcome(
     span: &Span,
+    upstream: bool,
     level: Option<Level>,
     outcome: &Outcome,
     elapsed_ms: u64,
+    limit_ms: Option<u64>,
     request: Option<&RequestDetails>,
 ) {
     let error_type = outcome.error_type();
     if !span.is_disabled() {
         span.record(OUTCOME, outcome.kind());
-        // The limit that fired, which an earlier, looser limit may have hidden.
-        if let Outcome::ResponseTimeout { timeout, .. }
-        | Outcome::ConnectTimeout {
-            timeout: Some(timeout),
-            ..
-        } = outcome
-        {
-            span.record(TIMEOUT_MS, duration_ms(*timeout));
+        // The limit that fired, or else the one that binds.
+        let fired = match outcome {
+            Outcome::ResponseTimeout { timeout, .. }
+            | Outcome::ConnectTimeout {
+                timeout: Some(timeout),
+                ..
+            } => Some(duration_ms(*timeout)),
+            _ => None,
+        };
+        if let Some(ms) = fired.or(limit_ms) {
+            span.record(TIMEOUT_MS, ms);
         }
         span.record(ELAPSED_MS, elapsed_ms);
-        if let Some(status) = outcome.sent_status() {
+        let status = match outcome {
+            // A status an upstream sent us, not one of ours.
+            Outcome::Completed { status } if upstream => Some(*status),
+            _ if upstream => None,
+            _ => outcome.sent_status(),
+        };
+        if let Some(status) = status {
             span.record(HTTP_RESPONSE_STATUS_CODE, status.as_u16());
         }
         if let Some(status) = outcome.recorded_status() {

@@ -771,12 +771,13 @@ async fn only_generated_responses_carry_the_marker() {
 // ---------------------------------------------------------------------------------------------
 // The connect span
 
-/// A span as it was when it closed, with its parent's name and fields at that moment.
+/// A span as it was when it closed, with its ancestors' names and fields at that moment, the
+/// parent first.
 #[derive(Clone, Debug)]
 struct ClosedSpan {
     name: &'static str,
     fields: BTreeMap<String, String>,
-    parent: Option<(&'static str, BTreeMap<String, String>)>,
+    ancestors: Vec<(&'static str, BTreeMap<String, String>)>,
 }
 
 /// Captures every span when it closes (common's `Capture` keeps only `request` spans, and not
@@ -872,16 +873,19 @@ where
         let closed = ClosedSpan {
             name: span.name(),
             fields: fields_of(&span),
-            parent: span
-                .parent()
-                .map(|parent| (parent.name(), fields_of(&parent))),
+            ancestors: span
+                .scope()
+                .skip(1)
+                .map(|ancestor| (ancestor.name(), fields_of(&ancestor)))
+                .collect(),
         };
         self.0.lock().unwrap().push(closed);
     }
 }
 
-/// Each connect attempt is a `connect` span under the request's span, with the upstream's
-/// address and port, how long it took, and how it ended.
+/// Each connect attempt is a `connect` span under the upstream call's span (`otel.kind=client`),
+/// under the request's span, with the upstream's address and port, how long it took, and how it
+/// ended.
 #[tokio::test(flavor = "current_thread")]
 async fn each_connect_is_a_span_under_the_request() {
     let (capture, _guard) = SpanCapture::install();
@@ -939,13 +943,25 @@ async fn each_connect_is_a_span_under_the_request() {
                 "{span:?}"
             );
 
-            let (parent, parent_fields) = span
-                .parent
-                .as_ref()
-                .unwrap_or_else(|| panic!("{case}: the connect span has no parent"));
-            assert_eq!(*parent, trace::SPAN_NAME, "{case}");
+            let names: Vec<_> = span.ancestors.iter().map(|(name, _)| *name).collect();
             assert_eq!(
-                parent_fields.get(trace::URL_PATH).map(String::as_str),
+                names[..2],
+                [trace::UPSTREAM_SPAN_NAME, trace::SPAN_NAME],
+                "{case}: under the upstream call's span, under the request's"
+            );
+            let (_, call) = &span.ancestors[0];
+            assert_eq!(
+                call.get(trace::OTEL_KIND).map(String::as_str),
+                Some("client")
+            );
+            assert_eq!(
+                call.get(trace::SERVER_PORT).map(String::as_str),
+                Some(port.as_str()),
+                "{case}"
+            );
+            let (_, request) = &span.ancestors[1];
+            assert_eq!(
+                request.get(trace::URL_PATH).map(String::as_str),
                 Some(path),
                 "{case}: under this request's span"
             );

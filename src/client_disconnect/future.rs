@@ -5,37 +5,29 @@ use std::task::{Context, Poll};
 use http::Response;
 use pin_project_lite::pin_project;
 
-use super::body::{DisconnectBody, Tracker};
-use crate::outcome::{Outcome, Phase};
-use crate::record::{head_outcome, Share};
-use crate::response::Generated;
+use super::body::DisconnectBody;
+use crate::record::Guarded;
 use crate::signal::ClientGone;
 
 pin_project! {
     /// The response future of [`ClientDisconnect`](super::ClientDisconnect).
     pub struct ResponseFuture<F> {
-        // `None` once the response (or an error) is produced; still here on drop means the
-        // client left before the head.
         #[pin]
-        inner: Option<F>,
-        share: Share,
+        inner: Guarded<F>,
+        // The request's signal, once someone asked for it.
         gone: Option<ClientGone>,
         is_head: bool,
     }
 
     impl<F> PinnedDrop for ResponseFuture<F> {
         fn drop(this: Pin<&mut Self>) {
-            let mut this = this.project();
-            if this.inner.is_none() {
-                return;
-            }
-            // Recorded before the inner future is dropped: the request's outcome.
-            if this.share.decide(Outcome::client_disconnected(Phase::BeforeHead, None, 0)) {
+            let this = this.project();
+            // The inner future is dropped after this, by its guard, in the same extent.
+            if this.inner.is_dropped_by_server() {
                 if let Some(gone) = this.gone.as_ref() {
                     gone.fire();
                 }
             }
-            this.share.drop_inner(|| this.inner.set(None));
         }
     }
 }
@@ -43,7 +35,7 @@ pin_project! {
 impl<F> std::fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture")
-            .field("share", &self.share)
+            .field("inner", &self.inner)
             .field("gone", &self.gone)
             .finish_non_exhaustive()
     }
@@ -51,10 +43,9 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
 
 impl<F> ResponseFuture<F> {
     #[inline]
-    pub(super) fn new(inner: F, share: Share, gone: Option<ClientGone>, is_head: bool) -> Self {
+    pub(super) fn new(inner: Guarded<F>, gone: Option<ClientGone>, is_head: bool) -> Self {
         ResponseFuture {
-            inner: Some(inner),
-            share,
+            inner,
             gone,
             is_head,
         }
@@ -71,42 +62,15 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let inner = this
-            .inner
-            .as_mut()
-            .as_pin_mut()
-            .expect("ResponseFuture polled after completion");
         let scope = ClientGone::enter(this.gone.take());
-        let polled = this.share.poll(inner, cx);
+        let polled = this.inner.as_mut().poll(cx);
         *this.gone = scope.leave();
         let Poll::Ready(result) = polled else {
             return Poll::Pending;
         };
-        // Finished: nothing inside has anything left to record.
-        this.inner.set(None);
-        Poll::Ready(match result {
-            Ok(response) => {
-                // The owner follows the body; a layer that joined leaves it to the owner.
-                let Some(exchange) = this.share.take_exchange() else {
-                    return Poll::Ready(Ok(response.map(DisconnectBody::passed)));
-                };
-                // A response of ours: its outcome is already the request's (or, made under
-                // another request's exchange, it is recorded here and now).
-                if response.extensions().get::<Generated>().is_some() {
-                    exchange.finish(head_outcome(&response));
-                }
-                let (parts, body) = response.into_parts();
-                let tracker =
-                    Tracker::new(exchange, this.gone.take(), &parts, &body, *this.is_head);
-                Ok(Response::from_parts(
-                    parts,
-                    DisconnectBody::new(body, tracker),
-                ))
-            }
-            Err(error) => {
-                this.share.decide(Outcome::failed(Phase::BeforeHead, None));
-                Err(error)
-            }
-        })
+        let mut result = result.map(|response| response.map(DisconnectBody::new));
+        let gone = this.gone.take().map(|gone| (gone, *this.is_head));
+        this.inner.respond(&mut result, gone);
+        Poll::Ready(result)
     }
 }

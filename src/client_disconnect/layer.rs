@@ -1,9 +1,11 @@
+use std::sync::Arc;
+
 use tower_layer::Layer;
 
-use super::ClientDisconnect;
+use super::{ClientDisconnect, Config};
 use crate::record::Recorder;
 
-/// Applies [`ClientDisconnect`] to a service. Put it outermost.
+/// Applies [`ClientDisconnect`] to a service.
 ///
 /// ```
 /// use tower_timeouts::{ClientDisconnectLayer, Outcome, Report};
@@ -17,14 +19,18 @@ use crate::record::Recorder;
 /// ```
 #[derive(Clone, Debug, Default)]
 pub struct ClientDisconnectLayer {
-    recorder: Recorder,
-    signal_in_extensions: bool,
+    config: Config,
 }
 
 impl ClientDisconnectLayer {
     /// A layer with the default settings: events at WARN, no hook, a `request` span of its own.
-    pub fn new() -> Self {
-        ClientDisconnectLayer::default()
+    pub const fn new() -> Self {
+        ClientDisconnectLayer {
+            config: Config {
+                recorder: Recorder::new(),
+                signal_in_extensions: false,
+            },
+        }
     }
 
     /// Also puts each request's [`ClientGone`](crate::ClientGone) into its extensions before
@@ -34,13 +40,13 @@ impl ClientDisconnectLayer {
     /// Off by default: the signal is made on first use, through
     /// [`ClientGone::current`](crate::ClientGone::current) or the axum extractor, so that a
     /// request nobody asks about allocates nothing. With it on, every request pays for the
-    /// signal and the extension (four small allocations on a request with no extensions yet).
+    /// signal and the extension.
     pub fn signal_in_extensions(mut self) -> Self {
-        self.signal_in_extensions = true;
+        self.config.signal_in_extensions = true;
         self
     }
 
-    crate::record::recorder_methods!(recorder);
+    crate::record::recorder_methods!(config.recorder);
 }
 
 impl<S> Layer<S> for ClientDisconnectLayer {
@@ -49,8 +55,7 @@ impl<S> Layer<S> for ClientDisconnectLayer {
     fn layer(&self, inner: S) -> Self::Service {
         ClientDisconnect {
             inner,
-            recorder: self.recorder.clone(),
-            signal_in_extensions: self.signal_in_extensions,
+            config: Arc::new(self.config.clone()),
         }
     }
 }

@@ -75,14 +75,22 @@ pub use self::body::DisconnectBody;
 pub use self::future::ResponseFuture;
 pub use self::layer::ClientDisconnectLayer;
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::record::Recorder;
+use crate::record::{Guarded, Joining, Recorder, Role};
 use crate::signal::ClientGone;
+
+/// Configuration shared by a layer's services.
+#[derive(Clone, Debug, Default)]
+struct Config {
+    recorder: Recorder,
+    signal_in_extensions: bool,
+}
 
 /// Records clients that leave before their response is done, and fires their
 /// [`ClientGone`] signal.
@@ -91,8 +99,7 @@ use crate::signal::ClientGone;
 #[derive(Clone, Debug)]
 pub struct ClientDisconnect<S> {
     inner: S,
-    recorder: Recorder,
-    signal_in_extensions: bool,
+    config: Arc<Config>,
 }
 
 impl<S> ClientDisconnect<S> {
@@ -134,17 +141,25 @@ where
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         // An outer layer's signal, or one the caller put there; else made on first use.
         let mut gone = request.extensions().get::<ClientGone>().cloned();
-        if self.signal_in_extensions && gone.is_none() {
+        if self.config.signal_in_extensions && gone.is_none() {
             let signal = ClientGone::new();
             request.extensions_mut().insert(signal.clone());
             gone = Some(signal);
         }
         let is_head = request.method() == http::Method::HEAD;
-        let call = self.recorder.start(&request, None);
+        let joining = Joining {
+            role: Role::Server,
+            limit: None,
+            watches_disconnects: true,
+        };
+        let share = self.config.recorder.start(&mut request, joining);
         let scope = ClientGone::enter(gone);
-        let inner = self.inner.call(request);
+        let inner = {
+            let _calling = share.calling();
+            self.inner.call(request)
+        };
         let gone = scope.leave();
-        ResponseFuture::new(inner, call.end(), gone, is_head)
+        ResponseFuture::new(Guarded::new(inner, share), gone, is_head)
     }
 }
 

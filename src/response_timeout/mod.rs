@@ -66,9 +66,10 @@ use std::time::Duration;
 use http::{Request, Response, StatusCode};
 use tower_service::Service;
 
-use crate::deadline::{Deadline, Limit};
-use crate::record::Recorder;
+use crate::deadline::Deadline;
+use crate::record::{Guarded, Joining, Recorder, Role};
 use crate::response::{ResponseBody, ResponseConfig};
+use crate::timer::Timer;
 
 /// Configuration shared by a layer's services and their futures.
 #[derive(Clone, Debug)]
@@ -113,6 +114,8 @@ impl<S> ResponseTimeout<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ResponseTimeout<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: http_body::Body,
+    ResBody::Data: From<bytes::Bytes>,
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
@@ -122,18 +125,26 @@ where
         self.inner.poll_ready(cx)
     }
 
-    #[inline(always)]
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let limit = match request.extensions().get::<Deadline>() {
-            Some(deadline) => deadline.limit(),
-            None => Limit::After(self.config.timeout),
+    #[inline]
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        let (timeout, timer) = match request.extensions().get::<Deadline>() {
+            Some(deadline) => deadline.timer(),
+            None => (self.config.timeout, Timer::after(self.config.timeout)),
         };
-        let call = self.config.recorder.start(&request, Some(limit.timeout()));
-        let inner = self.inner.call(request);
+        let joining = Joining {
+            role: Role::Server,
+            limit: Some(timeout),
+            watches_disconnects: false,
+        };
+        let share = self.config.recorder.start(&mut request, joining);
+        let inner = {
+            let _calling = share.calling();
+            self.inner.call(request)
+        };
         ResponseFuture::new(
-            inner,
-            limit,
-            call.end(),
+            Guarded::new(inner, share),
+            timer,
+            timeout,
             self.config.status,
             self.config.responses.clone(),
         )

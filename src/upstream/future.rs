@@ -2,34 +2,48 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use http::Response;
 use pin_project_lite::pin_project;
 
 use super::classify::classify;
 use super::{BoxError, Config};
-use crate::record::Share;
+use crate::record::Guarded;
 use crate::response::ResponseBody;
 
 pin_project! {
     /// The response future of [`UpstreamFailure`](super::UpstreamFailure).
     pub struct UpstreamFuture<F> {
         #[pin]
-        inner: Option<F>,
-        // An error of `poll_ready`, answered at the first poll.
-        failed: Option<BoxError>,
-        share: Share,
+        inner: Guarded<Call<F>>,
         config: Arc<Config>,
     }
+}
 
-    impl<F> PinnedDrop for UpstreamFuture<F> {
-        fn drop(this: Pin<&mut Self>) {
-            let mut this = this.project();
-            if this.inner.is_some() || this.failed.is_some() {
-                this.share.drop_inner(|| this.inner.set(None));
-                this.share.dropped();
-            }
+pin_project! {
+    /// The client's call, or the error of its `poll_ready`, answered at the first poll.
+    #[project = CallProj]
+    pub(super) enum Call<F> {
+        Called { #[pin] future: F },
+        NotReady { error: Option<BoxError> },
+    }
+}
+
+impl<F, B, E> Future for Call<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<B>, BoxError>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            CallProj::Called { future } => future.poll(cx).map_err(Into::into),
+            CallProj::NotReady { error } => Poll::Ready(Err(error
+                .take()
+                .expect("an UpstreamFuture polled after completion"))),
         }
     }
 }
@@ -37,60 +51,41 @@ pin_project! {
 impl<F> std::fmt::Debug for UpstreamFuture<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamFuture")
-            .field("share", &self.share)
+            .field("inner", &self.inner)
             .finish_non_exhaustive()
     }
 }
 
 impl<F> UpstreamFuture<F> {
-    /// The inner future, or the error of `poll_ready` to answer at the first poll.
-    pub(super) fn new(inner: Result<F, BoxError>, share: Share, config: Arc<Config>) -> Self {
-        let (inner, failed) = match inner {
-            Ok(inner) => (Some(inner), None),
-            Err(error) => (None, Some(error)),
-        };
-        UpstreamFuture {
-            inner,
-            failed,
-            share,
-            config,
-        }
+    pub(super) fn new(inner: Guarded<Call<F>>, config: Arc<Config>) -> Self {
+        UpstreamFuture { inner, config }
     }
 }
 
 impl<F, B, E> Future for UpstreamFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
+    B: http_body::Body,
+    B::Data: From<bytes::Bytes>,
     E: Into<BoxError>,
 {
     type Output = Result<Response<ResponseBody<B>>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let error = match (this.inner.as_mut().as_pin_mut(), this.failed.take()) {
-            (_, Some(error)) => error,
-            (Some(inner), None) => {
-                let result = std::task::ready!(this.share.poll(inner, cx));
-                // Finished: nothing inside has anything left to record.
-                this.inner.set(None);
-                match result {
-                    Ok(response) => {
-                        let result = Ok::<_, Infallible>(response.map(ResponseBody::new));
-                        this.share.head(&result);
-                        return Poll::Ready(result);
-                    }
-                    Err(error) => error.into(),
-                }
+        let mut response = match ready!(this.inner.as_mut().poll(cx)) {
+            Ok(response) => Ok(response.map(ResponseBody::new)),
+            Err(error) => {
+                let outcome = classify(&*error, &this.config.statuses);
+                let details = this.config.details.then(|| innermost(&*error).to_string());
+                Ok(this
+                    .config
+                    .responses
+                    .generate_with_details(outcome, details.as_deref()))
             }
-            (None, None) => panic!("UpstreamFuture polled after completion"),
         };
-        let outcome = classify(&*error, &this.config.statuses);
-        this.share.decide(outcome.clone());
-        let details = this.config.details.then(|| innermost(&*error).to_string());
-        Poll::Ready(Ok(this
-            .config
-            .responses
-            .generate_with_details(outcome, details.as_deref())))
+        this.inner.respond(&mut response, None);
+        Poll::Ready(response)
     }
 }
 

@@ -53,6 +53,8 @@ mod future;
 
 pub use self::future::UpstreamFuture;
 
+use self::future::Call;
+
 use std::convert::Infallible;
 use std::error::Error;
 use std::sync::Arc;
@@ -62,7 +64,7 @@ use http::{Request, Response, StatusCode};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::record::Recorder;
+use crate::record::{Guarded, Joining, Recorder, Role};
 use crate::response::{ResponseBody, ResponseConfig};
 
 type BoxError = Box<dyn Error + Send + Sync>;
@@ -195,6 +197,8 @@ impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for UpstreamFailure<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,
+    ResBody: http_body::Body,
+    ResBody::Data: From<bytes::Bytes>,
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = Infallible;
@@ -209,13 +213,23 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let call = self.config.recorder.start(&request, None);
-        // An error of `poll_ready` is answered at the first poll.
-        let inner = match self.not_ready.take() {
-            Some(error) => Err(error),
-            None => Ok(self.inner.call(request)),
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        let joining = Joining {
+            role: Role::Client,
+            limit: None,
+            watches_disconnects: false,
         };
-        UpstreamFuture::new(inner, call.end(), self.config.clone())
+        let share = self.config.recorder.start(&mut request, joining);
+        // An error of `poll_ready` is answered at the first poll.
+        let call = match self.not_ready.take() {
+            Some(error) => Call::NotReady { error: Some(error) },
+            None => {
+                let _calling = share.calling();
+                Call::Called {
+                    future: self.inner.call(request),
+                }
+            }
+        };
+        UpstreamFuture::new(Guarded::new(call, share), self.config.clone())
     }
 }

@@ -1,0 +1,254 @@
+//! One request's exchange: the recording state that every crate layer on the request reaches
+//! through the request itself.
+//!
+//! The outermost of the crate's layers to get a request opens the exchange and puts a handle
+//! to it (a [`Weak`] pointer) into the request's extensions. Every crate layer that gets the
+//! request later, wherever and whenever (called lazily from a poll, as axum's `Route`,
+//! `from_fn` and nested routers do; again, as a retry does; on another task, as
+//! `tower::buffer` does), finds the handle and joins: it adds its hook (if the exchange has
+//! none yet), its limit, and whether it watches for clients that leave. Only the layer that
+//! opened the exchange records, once, from what passes through it.
+//!
+//! The handle is weak so that a request kept alive (a handler that forwards the request's
+//! extensions to an upstream call it spawns) neither keeps the exchange nor its span open.
+
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use http::{Method, Request, StatusCode};
+use tokio::time::Instant;
+use tracing::{Level, Span};
+
+use super::extent::{self, Extent};
+use super::stage::Stage;
+use super::{OnOutcome, Recorder, Report};
+use crate::outcome::Outcome;
+use crate::trace;
+
+/// Which side of a request a layer serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// A server's request: a client called us.
+    Server,
+    /// An upstream call: we call another service, for a request a handler serves.
+    Client,
+}
+
+/// One request's recording state, shared by the crate's layers on the request.
+pub(crate) struct Exchange {
+    role: Role,
+    span: Span,
+    start: Instant,
+    method: Method,
+    /// The outcome event's level; `None` when there is no event (an upstream call's outcome
+    /// is its request's, not an event of its own).
+    level: Option<Level>,
+    /// The request, for an event whose span is off.
+    details: Option<Box<trace::RequestDetails>>,
+    /// The hook of the outermost layer on the request that has one.
+    hook: OnceLock<Arc<dyn OnOutcome>>,
+    /// The smallest limit a layer on the request applies, in ms (`u64::MAX` for none).
+    limit_ms: AtomicU64,
+    /// Whether a layer on the request watches for clients that leave.
+    watches_disconnects: AtomicBool,
+    stage: Mutex<Stage>,
+}
+
+impl fmt::Debug for Exchange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Exchange")
+            .field("role", &self.role)
+            .field("span", &self.span)
+            .field("start", &self.start)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The handle in a request's extensions.
+#[derive(Clone)]
+struct Handle(Weak<Exchange>);
+
+/// What a layer brings to a request's exchange.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Joining {
+    pub(crate) role: Role,
+    /// The limit the layer applies to the request.
+    pub(crate) limit: Option<Duration>,
+    pub(crate) watches_disconnects: bool,
+}
+
+/// Whether anything at all could see a recording: a hook configured anywhere in the process,
+/// or a tracing subscriber interested in anything. When nothing could, the layers skip the
+/// exchange entirely.
+///
+/// Both are global on purpose: every layer on a request sees the same answer, so they all
+/// open and join an exchange, or none does.
+#[inline]
+pub(crate) fn nothing_can_see() -> bool {
+    !super::HOOKS.load(Ordering::Relaxed)
+        && tracing::level_filters::LevelFilter::current()
+            == tracing::level_filters::LevelFilter::OFF
+}
+
+impl Exchange {
+    /// Joins the exchange of `request` if it has one, else opens one; `None` when this layer
+    /// does not record (it joined, or nothing can see a recording).
+    pub(crate) fn start<B>(
+        recorder: &Recorder,
+        request: &mut Request<B>,
+        joining: Joining,
+    ) -> Option<Arc<Exchange>> {
+        if nothing_can_see() {
+            return None;
+        }
+        let found = request
+            .extensions()
+            .get::<Handle>()
+            .and_then(|handle| handle.0.upgrade());
+        let parent = match found {
+            // An upstream call a handler makes with its own request's extensions: an exchange
+            // of its own, under that request's span.
+            Some(server) if joining.role == Role::Client && server.role == Role::Server => {
+                Some(server.span.clone())
+            }
+            Some(exchange) => {
+                exchange.join(recorder, joining);
+                return None;
+            }
+            None => None,
+        };
+        // A request that a server-side layer gets while the crate's layers call or poll
+        // another one on this thread is a call a handler makes upstream.
+        let role = match extent::current() {
+            Extent::Calling | Extent::Polling => Role::Client,
+            _ => joining.role,
+        };
+        let exchange = Arc::new(Exchange::open(recorder, request, role, parent, joining));
+        request
+            .extensions_mut()
+            .insert(Handle(Arc::downgrade(&exchange)));
+        Some(exchange)
+    }
+
+    #[inline(never)]
+    fn open<B>(
+        recorder: &Recorder,
+        request: &Request<B>,
+        role: Role,
+        parent: Option<Span>,
+        joining: Joining,
+    ) -> Self {
+        let level = (role == Role::Server
+            && tracing::level_filters::LevelFilter::current() >= recorder.level)
+            .then_some(recorder.level);
+        let span = match role {
+            // With no subscriber ever set, no span is made: tracing would otherwise hand each
+            // one to its `log` fallback (when its `log` feature is on, as axum's default
+            // features turn it on), at the cost of building all its fields for nothing.
+            _ if !tracing::dispatcher::has_been_set() => Span::none(),
+            Role::Server if recorder.current_span => Span::current(),
+            Role::Server => trace::make_span(request),
+            Role::Client => trace::make_upstream_span(request, parent.as_ref()),
+        };
+        let hook = OnceLock::new();
+        if let Some(own) = &recorder.hook {
+            let _ = hook.set(own.clone());
+        }
+        Exchange {
+            role,
+            start: Instant::now(),
+            method: request.method().clone(),
+            // The event names the request itself only when the span that would is off.
+            details: (level.is_some() && span.is_disabled())
+                .then(|| Box::new(trace::RequestDetails::of(request))),
+            level,
+            span,
+            hook,
+            limit_ms: AtomicU64::new(joining.limit.map_or(u64::MAX, trace::duration_ms)),
+            watches_disconnects: AtomicBool::new(joining.watches_disconnects),
+            stage: Mutex::new(Stage::Open),
+        }
+    }
+
+    fn join(&self, recorder: &Recorder, joining: Joining) {
+        if let Some(hook) = &recorder.hook {
+            // The outermost layer's hook stays; a later one is set only if there was none.
+            let _ = self.hook.set(hook.clone());
+        }
+        if let Some(limit) = joining.limit {
+            self.limit_ms
+                .fetch_min(trace::duration_ms(limit), Ordering::Relaxed);
+        }
+        if joining.watches_disconnects {
+            self.watches_disconnects.store(true, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn span(&self) -> &Span {
+        &self.span
+    }
+
+    pub(crate) fn is_head_request(&self) -> bool {
+        self.method == Method::HEAD
+    }
+
+    pub(crate) fn watches_disconnects(&self) -> bool {
+        self.watches_disconnects.load(Ordering::Relaxed)
+    }
+
+    /// Moves the recording on with `step`, and records the outcome it yields, if any.
+    pub(crate) fn step(&self, step: impl FnOnce(&mut Stage) -> Option<Outcome>) {
+        let outcome = {
+            let mut stage = self
+                .stage
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
+            step(&mut stage)
+        };
+        if let Some(outcome) = outcome {
+            self.record(&outcome);
+        }
+    }
+
+    /// The head passed the recording layer: records it, or, when the body `may_follow` and a
+    /// layer on the request watches for clients leaving during it, waits for the end of the
+    /// body. Returns whether the body is to be followed.
+    pub(crate) fn head(&self, outcome: Outcome, may_follow: bool) -> bool {
+        let follow = may_follow && self.watches_disconnects();
+        self.step(|stage| stage.head(outcome, follow));
+        follow
+    }
+
+    /// What the recording layer followed was dropped before its end, for `reason`.
+    pub(crate) fn dropped(&self, reason: Extent, sent: Option<(StatusCode, u64)>) {
+        let watches = self.watches_disconnects();
+        self.step(|stage| stage.dropped(reason, watches, sent));
+    }
+
+    fn record(&self, outcome: &Outcome) {
+        let elapsed = self.start.elapsed();
+        let limit_ms = self.limit_ms.load(Ordering::Relaxed);
+        trace::record_outcome(
+            &self.span,
+            self.role == Role::Client,
+            self.level,
+            outcome,
+            trace::duration_ms(elapsed),
+            (limit_ms != u64::MAX).then_some(limit_ms),
+            self.details.as_deref(),
+        );
+        if let Some(hook) = self.hook.get() {
+            let report = Report {
+                outcome,
+                method: &self.method,
+                elapsed,
+            };
+            if catch_unwind(AssertUnwindSafe(|| hook.on_outcome(&report))).is_err() {
+                tracing::error!(parent: &self.span, "tower-timeouts: the on_outcome hook panicked");
+            }
+        }
+    }
+}

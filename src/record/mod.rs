@@ -1,0 +1,236 @@
+//! Recording outcomes: how the crate's layers on one request agree on its one outcome, and the
+//! hook that metrics code plugs into.
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::atomic::{AtomicU64, Ordering};
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use tower_timeouts::{Outcome, Report, ResponseTimeoutLayer};
+//!
+//! let timeouts = Arc::new(AtomicU64::new(0));
+//! let counter = timeouts.clone();
+//! let layer = ResponseTimeoutLayer::new(Duration::from_secs(5)).on_outcome(move |report: &Report<'_>| {
+//!     if let Outcome::ResponseTimeout { .. } = report.outcome() {
+//!         counter.fetch_add(1, Ordering::Relaxed);
+//!     }
+//! });
+//! # let _ = layer;
+//! ```
+//!
+//! # The protocol
+//!
+//! Every request gets exactly one outcome, recorded once, by one layer: the outermost of the
+//! crate's layers on the request. It records from what passes through it: a response with a
+//! [`Generated`](crate::Generated) marker is that marker's outcome (with the status it passes
+//! with), any other response a completion with its status. So a retry's 200 is a completion,
+//! whatever the first attempt's timeout said, and a generated 504 that a layer rewrote to 503
+//! is recorded with 503.
+//!
+//! The layers on a request meet through the request itself (see `exchange.rs`): the first one
+//! to get it opens an *exchange* and puts a handle into its extensions; every later one,
+//! wherever and whenever it is called, joins with its hook, its limit and whether it watches
+//! for clients that leave. Nothing else passes between them; in particular no layer but the
+//! recording one decides anything about the outcome.
+//!
+//! Each layer holds its inner future in a `Guarded` (`guard.rs`), which is the protocol
+//! around the inner future, written once:
+//!
+//! 1. `call`: [`Recorder::start`] joins or opens the exchange; the recording layer calls the
+//!    inner service inside [`Share::calling`] (its span entered).
+//! 2. `poll`: the inner future is polled in the *Polling* extent (`extent.rs`).
+//! 3. `abandon`: a layer that gives up on its inner future (its limit fired) drops it in the
+//!    *Abandoned* extent, then answers with a generated response.
+//! 4. `respond`: what the layer returns passes through it; the recording layer records it, or,
+//!    when a layer on the request watches for clients that leave, hands the exchange to the
+//!    body's [`Tail`](tail::Tail), which records at the end of the body.
+//! 5. `drop` with the inner future still there: the drop's extent says why. Outside all of the
+//!    crate's layers (the server dropped the request) it is *ServerDropped*: a client that left,
+//!    for every layer inside; while a crate layer polls or abandons, *Abandoned*. The inner
+//!    future is dropped in that extent, then the recording layer records the drop
+//!    ([`Stage::dropped`](stage::Stage::dropped)).
+//!
+//! A `ClientDisconnect` fires its [`ClientGone`](crate::ClientGone) only when its future or its
+//! body is dropped early in the *ServerDropped* extent. A timeout of the crate, inside or
+//! outside it, abandons what it wraps, so a timeout never fires the signal, in any placement.
+//!
+//! The recording itself (`stage.rs`) is a small state machine: open, then (when the body is
+//! followed) the body, then done; only the step into *done* yields an outcome, so nothing is
+//! recorded twice.
+//!
+//! # When nothing can see a recording
+//!
+//! Before any hook is configured in the process and while no tracing subscriber is interested
+//! in anything, no layer opens or joins an exchange: there is nothing to record into, and each
+//! layer acts alone (its timeout, its signal), which the extents alone keep right. That is the
+//! path with no allocation of the crate's own.
+//!
+//! # What tower's model makes impossible
+//!
+//! - A layer is on a request from its `call`. A client that leaves while a layer between the
+//!   crate's layers (a `ConcurrencyLimit`, a `Buffer` that is full) holds the request in
+//!   `poll_ready`, before the inner layer's `call`, is recorded by the outer layers only: as
+//!   `dropped` if the only `ClientDisconnectLayer` is the inner one. That time is not counted
+//!   by the inner layers either.
+//! - A drop caused by something outside the outermost of the crate's layers (a
+//!   `tower_http::timeout` layer around them, a load shedder) looks like the server dropping the
+//!   request. Put the crate's layers outside the layers that drop what they wrap.
+//! - A layer between that drops the inner future when the crate's layers are not polling (it
+//!   moved the future to a task of its own) is taken for the server.
+//! - A request whose extensions a layer between does not carry over (a retry policy that
+//!   builds a new request without them) is a new request to the layers inside it.
+
+mod exchange;
+mod extent;
+mod guard;
+mod stage;
+mod tail;
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Method;
+
+use crate::outcome::Outcome;
+use tracing::Level;
+
+pub(crate) use self::exchange::{Joining, Role};
+pub(crate) use self::guard::{Followed, Guarded};
+pub(crate) use self::tail::Tail;
+
+/// What the [`on_outcome`](crate::ClientDisconnectLayer::on_outcome) hook is told when a
+/// request ends.
+#[derive(Debug)]
+pub struct Report<'a> {
+    outcome: &'a Outcome,
+    method: &'a Method,
+    elapsed: Duration,
+}
+
+impl<'a> Report<'a> {
+    /// How the request ended.
+    pub fn outcome(&self) -> &'a Outcome {
+        self.outcome
+    }
+
+    /// The request's method.
+    pub fn method(&self) -> &'a Method {
+        self.method
+    }
+
+    /// The time from the outermost layer's `call` to the outcome: to the end of the body (or
+    /// the client leaving) under a [`ClientDisconnectLayer`](crate::ClientDisconnectLayer), to
+    /// the response head otherwise.
+    pub fn elapsed(&self) -> Duration {
+        self.elapsed
+    }
+}
+
+/// A hook called exactly once per request, when it ends, for metrics and logs.
+///
+/// Implemented for every `Fn(&Report<'_>) + Send + Sync + 'static` closure and, as a no-op, for
+/// `()`. A hook that panics is caught: the panic is reported as an ERROR event and the request
+/// and connection go on unharmed. (The one exception is Rust's own rule: a hook that panics
+/// while the inner service's panic unwinds, when that panic is the outcome, aborts the process.)
+pub trait OnOutcome: Send + Sync + 'static {
+    /// Called once, when the request ends.
+    fn on_outcome(&self, report: &Report<'_>);
+}
+
+impl<F> OnOutcome for F
+where
+    F: Fn(&Report<'_>) + Send + Sync + 'static,
+{
+    fn on_outcome(&self, report: &Report<'_>) {
+        self(report)
+    }
+}
+
+impl OnOutcome for () {
+    fn on_outcome(&self, _: &Report<'_>) {}
+}
+
+/// Whether a hook was ever configured in the process (see [the module docs](self#when-nothing-can-see-a-recording)).
+static HOOKS: AtomicBool = AtomicBool::new(false);
+
+/// How a layer records: the hook, the event level, where the span comes from. Used by the
+/// layer that records a request (the outermost); a layer that joins another's exchange adds
+/// only its hook, when the exchange has none.
+#[derive(Clone)]
+pub(crate) struct Recorder {
+    hook: Option<Arc<dyn OnOutcome>>,
+    level: Level,
+    current_span: bool,
+}
+
+impl Recorder {
+    pub(crate) const fn new() -> Self {
+        Recorder {
+            hook: None,
+            level: Level::WARN,
+            current_span: false,
+        }
+    }
+
+    pub(crate) fn on_outcome(mut self, hook: impl OnOutcome) -> Self {
+        HOOKS.store(true, Ordering::Relaxed);
+        self.hook = Some(Arc::new(hook));
+        self
+    }
+
+    pub(crate) fn event_level(mut self, level: Level) -> Self {
+        self.level = level;
+        self
+    }
+
+    pub(crate) fn record_in_current_span(mut self) -> Self {
+        self.current_span = true;
+        self
+    }
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Recorder::new()
+    }
+}
+
+impl fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Recorder")
+            .field("hook", &self.hook.as_ref().map(|_| ".."))
+            .field("level", &self.level)
+            .field("current_span", &self.current_span)
+            .finish()
+    }
+}
+
+/// The builder methods of every layer that may own a request's recording.
+macro_rules! recorder_methods {
+    ($($recorder:ident).+) => {
+        /// Calls `hook` once per request, when it ends. Used when this is the outermost of the
+        /// crate's layers on the request, which records for all.
+        pub fn on_outcome(mut self, hook: impl $crate::OnOutcome) -> Self {
+            self.$($recorder).+ = self.$($recorder).+.on_outcome(hook);
+            self
+        }
+
+        /// The level of the event emitted for every outcome but a normal completion (default
+        /// WARN).
+        pub fn event_level(mut self, level: tracing::Level) -> Self {
+            self.$($recorder).+ = self.$($recorder).+.event_level(level);
+            self
+        }
+
+        /// Records into the span current at `call` instead of opening a `request` span. See
+        /// [`trace`](crate::trace).
+        pub fn record_in_current_span(mut self) -> Self {
+            self.$($recorder).+ = self.$($recorder).+.record_in_current_span();
+            self
+        }
+    };
+}
+pub(crate) use recorder_methods;
