@@ -24,6 +24,22 @@ use crate::signal::ClientGone;
 #[derive(Debug, Default)]
 pub(crate) struct Share(Option<Arc<Exchange>>);
 
+impl Drop for Share {
+    /// A share that still holds its exchange here was not handed to a [`Guarded`] (the inner
+    /// service's `call` panicked) or its guard let it go without an outcome: recorded as a
+    /// panic or a drop, unless recorded already.
+    fn drop(&mut self) {
+        if let Some(exchange) = self.0.take() {
+            let outcome = if std::thread::panicking() {
+                Outcome::panicked(Phase::BeforeHead, None)
+            } else {
+                Outcome::dropped()
+            };
+            exchange.step(|stage| stage.end(outcome));
+        }
+    }
+}
+
 impl Recorder {
     /// A layer got `request`: it joins the request's exchange, or opens one. Call the inner
     /// service inside [`Share::calling`].
@@ -212,7 +228,7 @@ impl<F> Guarded<F> {
 }
 
 impl<F: Future> Guarded<F> {
-    /// Polls the inner future. Once it is ready, it is dropped (it has nothing left to do).
+    /// Polls the inner future. Once it is ready, it is dropped.
     ///
     /// Panics if polled after the inner future finished or was abandoned.
     #[inline(always)]
@@ -221,15 +237,14 @@ impl<F: Future> Guarded<F> {
         let StateProj::Running { inner } = this.state.as_mut().project() else {
             panic!("a tower-timeouts response future was polled after it completed");
         };
-        let polled = {
-            let _entered = this.share.entered();
-            let _extent = extent::enter(Extent::Polling);
-            *this.polling = true;
-            let polled = inner.poll(cx);
-            *this.polling = false;
-            polled
-        };
+        let _entered = this.share.entered();
+        let _extent = extent::enter(Extent::Polling);
+        *this.polling = true;
+        let polled = inner.poll(cx);
+        *this.polling = false;
         if polled.is_ready() {
+            // Still in the poll's extent: whatever the finished future holds (a future a layer
+            // between gave up on) is dropped as given up, not as the server's.
             this.state.set(State::Done);
         }
         polled

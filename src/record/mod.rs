@@ -86,6 +86,8 @@ mod extent;
 mod guard;
 mod stage;
 mod tail;
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
