@@ -13,14 +13,15 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Notify;
 use tower_timeouts::{Outcome, Report};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Subscriber};
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::{Context, SubscriberExt};
-use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::registry::{LookupSpan, SpanRef};
 use tracing_subscriber::Layer;
 
 /// Generous bound for anything that should happen "at once" on loopback.
@@ -221,11 +222,18 @@ pub struct Captured {
 /// Keeps a [`Capture`] installed; see [`Capture::install`].
 pub struct CaptureGuard(tracing::subscriber::DefaultGuard, tracing::Dispatch);
 
-/// Captures closed `request` spans and the events emitted in them.
+/// The name of the span a call through `UpstreamFailureLayer` gets (issue 10's contract;
+/// `trace::UPSTREAM_SPAN_NAME` once the crate has it).
+pub const UPSTREAM_SPAN: &str = "upstream";
+
+/// Captures closed `request` spans and the events emitted in them; also closed `upstream`
+/// spans (with their parent's name and fields), and how many spans of each name closed.
 #[derive(Clone, Default)]
 pub struct Capture {
     spans: Arc<Mutex<Vec<Captured>>>,
     events: Arc<Mutex<Vec<Captured>>>,
+    upstream: Arc<Mutex<Vec<Captured>>>,
+    closed: Arc<Mutex<BTreeMap<String, usize>>>,
 }
 
 impl Capture {
@@ -241,6 +249,34 @@ impl Capture {
         let guard = tracing::subscriber::set_default(subscriber);
         let inert = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
         (capture, CaptureGuard(guard, inert))
+    }
+
+    /// Like [`Capture::install`], but sees only the crate's own spans and events (and the spans
+    /// it makes for others, such as `trace::make_span` in tower-http's `TraceLayer`): hyper's and
+    /// h2's trace events would only slow a test that runs many servers down.
+    pub fn install_crate_only() -> (Capture, CaptureGuard) {
+        let capture = Capture::default();
+        let only_ours = Targets::new().with_target("tower_timeouts", tracing::Level::TRACE);
+        let subscriber =
+            tracing_subscriber::registry().with(capture.clone().with_filter(only_ours));
+        let guard = tracing::subscriber::set_default(subscriber);
+        let inert = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
+        (capture, CaptureGuard(guard, inert))
+    }
+
+    /// Closed `upstream` spans; `parent` holds the parent span's fields.
+    pub fn upstream_spans(&self) -> Vec<Captured> {
+        self.upstream.lock().unwrap().clone()
+    }
+
+    /// How many spans named `name` closed so far.
+    pub fn closed_count(&self, name: &str) -> usize {
+        self.closed.lock().unwrap().get(name).copied().unwrap_or(0)
+    }
+
+    /// How many spans closed so far, by name.
+    pub fn closed_counts(&self) -> BTreeMap<String, usize> {
+        self.closed.lock().unwrap().clone()
     }
 
     pub fn closed_spans(&self) -> Vec<Captured> {
@@ -313,22 +349,79 @@ where
     }
 
     fn on_close(&self, id: Id, ctx: Context<'_, S>) {
-        if let Some(span) = ctx.span(&id) {
-            if span.name() != tower_timeouts::trace::SPAN_NAME {
-                return;
-            }
-            let fields = span
-                .extensions()
+        let Some(span) = ctx.span(&id) else { return };
+        *self
+            .closed
+            .lock()
+            .unwrap()
+            .entry(span.name().to_owned())
+            .or_default() += 1;
+        let fields_of = |span: &SpanRef<'_, S>| {
+            span.extensions()
                 .get::<SpanFields>()
                 .map(|f| f.0.clone())
-                .unwrap_or_default();
+                .unwrap_or_default()
+        };
+        if span.name() == tower_timeouts::trace::SPAN_NAME {
             self.spans.lock().unwrap().push(Captured {
                 name: span.name().to_owned(),
-                fields,
+                fields: fields_of(&span),
                 parent: None,
+                parent_name: span.parent().map(|parent| parent.name().to_owned()),
+                level: *span.metadata().level(),
+            });
+        } else if span.name() == UPSTREAM_SPAN {
+            self.upstream.lock().unwrap().push(Captured {
+                name: span.name().to_owned(),
+                fields: fields_of(&span),
+                parent: span.parent().map(|parent| fields_of(&parent)),
                 parent_name: span.parent().map(|parent| parent.name().to_owned()),
                 level: *span.metadata().level(),
             });
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstreams on loopback (see the shared reference, "Connect timeouts on loopback").
+
+/// A listener whose accept queue is full: every further connect hangs (Linux drops the SYN).
+/// The listener and the connections that fill its queue live as long as this value.
+pub struct BlackHole {
+    pub addr: SocketAddr,
+    _listener: TcpListener,
+    _fillers: Vec<TcpStream>,
+}
+
+/// Makes a [`BlackHole`], checking that a connect to it really hangs.
+pub async fn black_hole() -> BlackHole {
+    const PROBE: Duration = Duration::from_millis(100);
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connect = TcpStream::connect(addr);
+    let mut fillers = vec![tokio::time::timeout(SOON, connect).await.unwrap().unwrap()];
+    for _ in 0..8 {
+        match tokio::time::timeout(PROBE, TcpStream::connect(addr)).await {
+            Ok(Ok(filler)) => fillers.push(filler),
+            Ok(Err(error)) => panic!("filling the black hole's queue: {error}"),
+            Err(_) => {
+                return BlackHole {
+                    addr,
+                    _listener: listener,
+                    _fillers: fillers,
+                }
+            }
+        }
+    }
+    panic!("the accept queue of {addr} never filled");
+}
+
+/// A socket bound to a port that never listens: connects to it are refused at once. Keep the
+/// socket alive so that nobody else gets the port.
+pub fn refusing() -> (SocketAddr, TcpSocket) {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
+    (socket.local_addr().unwrap(), socket)
 }

@@ -1,0 +1,1431 @@
+//! Issue 10's contract, checked in every composition it names, over real TCP on loopback: one
+//! outcome per client request (one hook call over all hooks, one `request` span with the outcome,
+//! at most one outcome event), the outcome the client got, timeouts and disconnects never
+//! confused, the binding limit on the span, and upstream calls that are never a second request.
+//!
+//! A *placement* builds the app the way an axum user writes it, from the crate's layers with a
+//! hook on every one of them (all into one [`Outcomes`], so that a second call shows). A
+//! *scenario* runs one request against it and checks everything the contract says of it. Every
+//! placement runs its scenarios on both servers, over HTTP/1.1 and HTTP/2, all cases of a test
+//! at once on one thread (the tracing capture is per thread); a case's spans and events are told
+//! apart by the `user-agent` its client sends. A failing test lists every failing case with
+//! every broken rule, named `[placement | scenario | server | version]`.
+//!
+//! Nothing here orders events by sleeping: a client leaves once the handler said it started,
+//! and the checks wait (within [`SOON`]) for the report and for the handler to be dropped. Only
+//! then a short [`GRACE`] gives a wrong second record (a 499 after a 504, a second hook call)
+//! the chance to show before the counts are taken; the known ones are synchronous with the
+//! first record.
+
+mod common;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::middleware::{from_fn, map_request, map_response, Next};
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
+use bytes::Bytes;
+use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, HOST, USER_AGENT};
+use http::{HeaderMap, StatusCode, Uri};
+use http_body_util::Empty;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::timeout;
+use tower::layer::util::{Identity, Stack};
+use tower::retry::{Policy, RetryLayer};
+use tower::util::BoxCloneSyncService;
+use tower::{Layer as _, ServiceBuilder, ServiceExt};
+use tower_http::compression::CompressionLayer;
+use tower_http::trace::TraceLayer;
+use tower_timeouts::response::PROXY_STATUS;
+use tower_timeouts::trace::{
+    ERROR_TYPE, HTTP_RESPONSE_STATUS_CODE, OTEL_KIND, OUTCOME, RECORDED_STATUS, TIMEOUT_MS,
+    USER_AGENT_ORIGINAL,
+};
+use tower_timeouts::{
+    trace, ClientDisconnectLayer, ClientGone, ConnectTimeoutLayer, Generated, Outcome, Phase,
+    ProxyError, ResponseBody, ResponseTimeoutLayer, UpstreamFailureLayer,
+};
+use tracing::Instrument as _;
+
+use common::{Capture, Captured, Live, Outcomes, Server, SERVERS, SOON, UPSTREAM_SPAN};
+
+/// The limit that fires in a scenario.
+const SHORT: Duration = Duration::from_millis(200);
+/// A limit that never fires in these tests.
+const LONG: Duration = Duration::from_secs(60);
+/// The connect limit of the gateway's upstream calls.
+const CONNECT_LIMIT: Duration = Duration::from_millis(200);
+/// After the expected record: the time a wrong extra record has to show before the counts are
+/// taken. Not an ordering: everything the checks need was waited for already.
+const GRACE: Duration = Duration::from_millis(150);
+/// How often the waits look.
+const TICK: Duration = Duration::from_millis(5);
+
+const TIMEOUT_PROXY_STATUS: &str = "tower-timeouts; error=http_response_timeout";
+const CONNECT_TIMEOUT_PROXY_STATUS: &str = "tower-timeouts; error=connection_timeout";
+const REFUSED_PROXY_STATUS: &str = "tower-timeouts; error=connection_refused";
+
+// ---------------------------------------------------------------------------------------------
+// The handlers, and what they tell the test.
+
+/// The handlers' side: what they saw, and when they started.
+#[derive(Clone)]
+struct Probe {
+    live: Live,
+    started: mpsc::UnboundedSender<()>,
+    watched: mpsc::UnboundedSender<()>,
+    /// What `ClientGone::current()` gave each handler call.
+    signals: Arc<Mutex<Vec<Option<ClientGone>>>>,
+    calls: Arc<AtomicUsize>,
+}
+
+/// The test's side of a [`Probe`].
+struct Reports {
+    started: mpsc::UnboundedReceiver<()>,
+    /// One message per `ClientGone` that fired, sent by a task the handler spawned.
+    watched: mpsc::UnboundedReceiver<()>,
+}
+
+impl Probe {
+    fn new() -> (Probe, Reports) {
+        let (started, started_rx) = mpsc::unbounded_channel();
+        let (watched, watched_rx) = mpsc::unbounded_channel();
+        let probe = Probe {
+            live: Live::new(),
+            started,
+            watched,
+            signals: Arc::default(),
+            calls: Arc::default(),
+        };
+        let reports = Reports {
+            started: started_rx,
+            watched: watched_rx,
+        };
+        (probe, reports)
+    }
+
+    /// Takes the request's `ClientGone`, if a `ClientDisconnectLayer` gives one, and watches it
+    /// from a spawned task, as a handler's background work would.
+    fn take_signal(&self) {
+        let gone = ClientGone::current();
+        if let Some(gone) = gone.clone() {
+            let watched = self.watched.clone();
+            tokio::spawn(async move {
+                gone.gone().await;
+                let _ = watched.send(());
+            });
+        }
+        self.signals.lock().unwrap().push(gone);
+    }
+
+    fn signals(&self) -> Vec<Option<ClientGone>> {
+        self.signals.lock().unwrap().clone()
+    }
+}
+
+/// Large enough for `CompressionLayer` to compress it.
+fn fast_body() -> String {
+    "a fast answer, long enough to be worth compressing. ".repeat(40)
+}
+
+async fn fast(State(probe): State<Probe>) -> String {
+    probe.take_signal();
+    fast_body()
+}
+
+/// Never answers: live until dropped, and says when it started.
+async fn slow(State(probe): State<Probe>) -> String {
+    probe.take_signal();
+    let _live = probe.live.enter();
+    let _ = probe.started.send(());
+    std::future::pending::<()>().await;
+    unreachable!()
+}
+
+/// Slow at its first call, fast after.
+async fn flaky(State(probe): State<Probe>) -> String {
+    if probe.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+        slow(State(probe.clone())).await;
+    }
+    fast(State(probe)).await
+}
+
+fn routes(probe: Probe) -> Router {
+    Router::new()
+        .route("/fast", get(fast))
+        .route("/slow", get(slow))
+        .route("/flaky", get(flaky))
+        .with_state(probe)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The layers of a case, each with the case's hook.
+
+struct Kit {
+    outcomes: Outcomes,
+    /// The limit of the only (or inner) `ResponseTimeoutLayer`.
+    limit: Duration,
+    /// The limit of the outer stack, where the stack is applied twice.
+    outer: Duration,
+    /// How many times the retry placements retry a 504.
+    retries: usize,
+}
+
+type CdRt = ServiceBuilder<Stack<ResponseTimeoutLayer, Stack<ClientDisconnectLayer, Identity>>>;
+
+impl Kit {
+    fn cd(&self) -> ClientDisconnectLayer {
+        ClientDisconnectLayer::new().on_outcome(self.outcomes.hook())
+    }
+
+    fn rt(&self) -> ResponseTimeoutLayer {
+        self.rt_of(self.limit)
+    }
+
+    fn rt_of(&self, limit: Duration) -> ResponseTimeoutLayer {
+        ResponseTimeoutLayer::new(limit).on_outcome(self.outcomes.hook())
+    }
+
+    /// The documented stack: `ClientDisconnectLayer` outside `ResponseTimeoutLayer`.
+    fn stack(&self, limit: Duration) -> CdRt {
+        ServiceBuilder::new()
+            .layer(self.cd())
+            .layer(self.rt_of(limit))
+    }
+
+    fn retry(&self) -> RetryLayer<RetryTimeouts> {
+        RetryLayer::new(RetryTimeouts { left: self.retries })
+    }
+}
+
+/// Retries a 504, `left` times; clones a body-less request with its extensions.
+#[derive(Clone)]
+struct RetryTimeouts {
+    left: usize,
+}
+
+impl<B> Policy<Request, http::Response<B>, Infallible> for RetryTimeouts {
+    type Future = std::future::Ready<()>;
+
+    fn retry(
+        &mut self,
+        _: &mut Request,
+        result: &mut Result<http::Response<B>, Infallible>,
+    ) -> Option<Self::Future> {
+        let response = match result {
+            Ok(response) => response,
+            Err(never) => match *never {},
+        };
+        if response.status() != StatusCode::GATEWAY_TIMEOUT || self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        Some(std::future::ready(()))
+    }
+
+    fn clone_request(&mut self, request: &Request) -> Option<Request> {
+        let mut clone = Request::new(Body::empty());
+        *clone.method_mut() = request.method().clone();
+        *clone.uri_mut() = request.uri().clone();
+        *clone.version_mut() = request.version();
+        *clone.headers_mut() = request.headers().clone();
+        *clone.extensions_mut() = request.extensions().clone();
+        Some(clone)
+    }
+}
+
+async fn pass(request: Request, next: Next) -> Response {
+    next.run(request).await
+}
+
+async fn same_request(request: Request) -> Request {
+    request
+}
+
+async fn tag<B>(mut response: http::Response<B>) -> http::Response<B> {
+    response
+        .headers_mut()
+        .insert("x-mapped", http::HeaderValue::from_static("yes"));
+    response
+}
+
+/// What a user might do to the crate's 504: answer 503 instead.
+async fn rewrite_504<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let generated = response.extensions().get::<Generated>().is_some();
+    if generated && response.status() == StatusCode::GATEWAY_TIMEOUT {
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    }
+    response
+}
+
+fn trace_layer() -> TraceLayer<
+    tower_http::classify::SharedClassifier<tower_http::classify::ServerErrorsAsFailures>,
+    fn(&Request) -> tracing::Span,
+> {
+    TraceLayer::new_for_http().make_span_with(trace::make_span::<Body> as fn(&Request) -> _)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Placements
+
+/// An app built from the crate's layers, as an axum user writes it.
+struct Placement {
+    name: &'static str,
+    build: fn(&Kit, Router) -> Router,
+    /// Where the routes are (nested routers).
+    prefix: &'static str,
+    /// A `ClientDisconnectLayer` is on the request.
+    disconnect: bool,
+    /// The stack is applied twice: `Kit::outer` applies too.
+    twice: bool,
+    /// What the client gets for a timeout.
+    timeout_status: StatusCode,
+    /// The response is gzip-compressed.
+    gzip: bool,
+    scenarios: &'static [Scenario],
+}
+
+const BASIC: &[Scenario] = &[Scenario::Fast, Scenario::Slow, Scenario::Leaves];
+const TWICE: &[Scenario] = &[
+    Scenario::Fast,
+    Scenario::Slow,
+    Scenario::Leaves,
+    Scenario::OuterFirst,
+];
+const RETRY: &[Scenario] = &[
+    Scenario::Fast,
+    Scenario::Slow,
+    Scenario::Leaves,
+    Scenario::RetryAnswers,
+    Scenario::LeavesDuringRetry,
+];
+
+const DEFAULTS: Placement = Placement {
+    name: "",
+    build: |_, routes| routes,
+    prefix: "",
+    disconnect: true,
+    twice: false,
+    timeout_status: StatusCode::GATEWAY_TIMEOUT,
+    gzip: false,
+    scenarios: BASIC,
+};
+
+/// The control: no `ClientDisconnectLayer` on the request.
+static TIMEOUT_ALONE: Placement = Placement {
+    name: "0 ResponseTimeoutLayer alone",
+    build: |kit, routes| routes.layer(kit.rt()),
+    disconnect: false,
+    ..DEFAULTS
+};
+
+static ONE_SERVICE_BUILDER: Placement = Placement {
+    name: "1 one ServiceBuilder (CD, RT)",
+    build: |kit, routes| routes.layer(kit.stack(kit.limit)),
+    ..DEFAULTS
+};
+
+static LAYER_CALLS_CD_OUTSIDE: Placement = Placement {
+    name: "2 .layer(RT).layer(CD)",
+    build: |kit, routes| routes.layer(kit.rt()).layer(kit.cd()),
+    ..DEFAULTS
+};
+
+static LAYER_CALLS_RT_OUTSIDE: Placement = Placement {
+    name: "3 .layer(CD).layer(RT)",
+    build: |kit, routes| routes.layer(kit.cd()).layer(kit.rt()),
+    ..DEFAULTS
+};
+
+static ROUTE_LAYER_AND_LAYER: Placement = Placement {
+    name: "4 .route_layer(stack).layer(stack)",
+    build: |kit, routes| {
+        routes
+            .route_layer(kit.stack(kit.limit))
+            .layer(kit.stack(kit.outer))
+    },
+    twice: true,
+    scenarios: TWICE,
+    ..DEFAULTS
+};
+
+static NESTED: Placement = Placement {
+    name: "5 nested routers, each with the stack",
+    build: |kit, routes| {
+        Router::new()
+            .nest("/api", routes.layer(kit.stack(kit.limit)))
+            .layer(kit.stack(kit.outer))
+    },
+    prefix: "/api",
+    twice: true,
+    scenarios: TWICE,
+    ..DEFAULTS
+};
+
+static FROM_FN_BETWEEN: Placement = Placement {
+    name: "6a .layer(RT).layer(from_fn).layer(CD)",
+    build: |kit, routes| routes.layer(kit.rt()).layer(from_fn(pass)).layer(kit.cd()),
+    ..DEFAULTS
+};
+
+static MAP_REQUEST_BETWEEN: Placement = Placement {
+    name: "6b .layer(RT).layer(map_request).layer(CD)",
+    build: |kit, routes| {
+        routes
+            .layer(kit.rt())
+            .layer(map_request(same_request))
+            .layer(kit.cd())
+    },
+    ..DEFAULTS
+};
+
+static MAP_RESPONSE_BETWEEN: Placement = Placement {
+    name: "6c .layer(RT).layer(map_response).layer(CD)",
+    build: |kit, routes| {
+        routes
+            .layer(kit.rt())
+            .layer(map_response(tag::<Body>))
+            .layer(kit.cd())
+    },
+    ..DEFAULTS
+};
+
+static MIDDLEWARE_IN_ONE_SERVICE_BUILDER: Placement = Placement {
+    name: "6d one ServiceBuilder (CD, from_fn, map_request, map_response, RT)",
+    build: |kit, routes| {
+        routes.layer(
+            ServiceBuilder::new()
+                .layer(kit.cd())
+                .layer(from_fn(pass))
+                .layer(map_request(same_request))
+                .layer(map_response(tag::<ResponseBody<Body>>))
+                .layer(kit.rt()),
+        )
+    },
+    ..DEFAULTS
+};
+
+static FROM_FN_BETWEEN_RT_OUTSIDE: Placement = Placement {
+    name: "6e .layer(CD).layer(from_fn).layer(RT)",
+    build: |kit, routes| routes.layer(kit.cd()).layer(from_fn(pass)).layer(kit.rt()),
+    ..DEFAULTS
+};
+
+static MAP_RESPONSE_REWRITES_504: Placement = Placement {
+    name: "6f .layer(RT).layer(map_response: 504 -> 503).layer(CD)",
+    build: |kit, routes| {
+        routes
+            .layer(kit.rt())
+            .layer(map_response(rewrite_504::<Body>))
+            .layer(kit.cd())
+    },
+    timeout_status: StatusCode::SERVICE_UNAVAILABLE,
+    ..DEFAULTS
+};
+
+static RETRY_LAYER_CALLS: Placement = Placement {
+    name: "7a .layer(RT).layer(RetryLayer).layer(CD)",
+    build: |kit, routes| routes.layer(kit.rt()).layer(kit.retry()).layer(kit.cd()),
+    scenarios: RETRY,
+    ..DEFAULTS
+};
+
+static RETRY_ONE_SERVICE_BUILDER: Placement = Placement {
+    name: "7b one ServiceBuilder (CD, RetryLayer, RT)",
+    build: |kit, routes| {
+        routes.layer(
+            ServiceBuilder::new()
+                .layer(kit.cd())
+                .layer(kit.retry())
+                .layer(kit.rt()),
+        )
+    },
+    scenarios: RETRY,
+    ..DEFAULTS
+};
+
+static TRACE_COMPRESSION_ONE_SERVICE_BUILDER: Placement = Placement {
+    name: "8a one ServiceBuilder (Trace, Compression, CD.record_in_current_span, RT)",
+    build: |kit, routes| {
+        routes.layer(
+            ServiceBuilder::new()
+                .layer(trace_layer())
+                .layer(CompressionLayer::new())
+                .layer(kit.cd().record_in_current_span())
+                .layer(kit.rt()),
+        )
+    },
+    gzip: true,
+    ..DEFAULTS
+};
+
+static TRACE_COMPRESSION_LAYER_CALLS: Placement = Placement {
+    name: "8b .layer(RT).layer(CD.record_in_current_span).layer(Compression).layer(Trace)",
+    build: |kit, routes| {
+        routes
+            .layer(kit.rt())
+            .layer(kit.cd().record_in_current_span())
+            .layer(CompressionLayer::new())
+            .layer(trace_layer())
+    },
+    gzip: true,
+    ..DEFAULTS
+};
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scenario {
+    /// a. A fast handler: 200, `completed`.
+    Fast,
+    /// b. A slow handler past a short limit: the limit's status, `response_timeout`.
+    Slow,
+    /// c. The client leaves while the slow handler runs: `client_disconnected` (`dropped`
+    /// with no `ClientDisconnectLayer`).
+    Leaves,
+    /// d. The stack twice, the outer limit the smaller: the outer one's timeout.
+    OuterFirst,
+    /// e. The first attempt times out and the retry answers: `completed`.
+    RetryAnswers,
+    /// e. The client leaves during the retry: `client_disconnected`.
+    LeavesDuringRetry,
+}
+
+impl Scenario {
+    fn label(self) -> &'static str {
+        match self {
+            Scenario::Fast => "a fast",
+            Scenario::Slow => "b slow past the limit",
+            Scenario::Leaves => "c client leaves",
+            Scenario::OuterFirst => "d outer limit first",
+            Scenario::RetryAnswers => "e retry answers",
+            Scenario::LeavesDuringRetry => "e client leaves during the retry",
+        }
+    }
+
+    /// (the only or inner limit, the outer limit)
+    fn limits(self) -> (Duration, Duration) {
+        match self {
+            Scenario::Fast
+            | Scenario::Slow
+            | Scenario::RetryAnswers
+            | Scenario::LeavesDuringRetry => (SHORT, LONG),
+            // The client leaves long before any limit.
+            Scenario::Leaves => (LONG, LONG),
+            Scenario::OuterFirst => (LONG, SHORT),
+        }
+    }
+
+    fn retries(self) -> usize {
+        match self {
+            // Whichever attempt runs when the client leaves, it is a retry.
+            Scenario::LeavesDuringRetry => 20,
+            _ => 1,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Http {
+    V1,
+    V2,
+}
+
+const VERSIONS: [Http; 2] = [Http::V1, Http::V2];
+
+/// The outcome a case must record.
+#[derive(Clone, Debug, PartialEq)]
+enum Expect {
+    Completed(StatusCode),
+    Timeout { limit: Duration, status: StatusCode },
+    Disconnected,
+    Dropped,
+    ConnectTimeout { limit: Duration, status: StatusCode },
+    Refused,
+}
+
+impl Expect {
+    fn matches(&self, outcome: &Outcome) -> bool {
+        match (self, outcome) {
+            (Expect::Completed(expected), Outcome::Completed { status, .. }) => status == expected,
+            (
+                Expect::Timeout { limit, status },
+                Outcome::ResponseTimeout {
+                    timeout, status: s, ..
+                },
+            ) => timeout == limit && s == status,
+            (
+                Expect::Disconnected,
+                Outcome::ClientDisconnected {
+                    phase: Phase::BeforeHead,
+                    sent_status: None,
+                    bytes_sent: 0,
+                    ..
+                },
+            ) => true,
+            (Expect::Dropped, Outcome::Dropped { .. }) => true,
+            (
+                Expect::ConnectTimeout { limit, status },
+                Outcome::ConnectTimeout {
+                    timeout, status: s, ..
+                },
+            ) => *timeout == Some(*limit) && s == status,
+            (
+                Expect::Refused,
+                Outcome::ConnectFailed {
+                    error: ProxyError::ConnectionRefused,
+                    status,
+                    ..
+                },
+            ) => *status == StatusCode::BAD_GATEWAY,
+            _ => false,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Expect::Completed(_) => "completed",
+            Expect::Timeout { .. } => "response_timeout",
+            Expect::Disconnected => "client_disconnected",
+            Expect::Dropped => "dropped",
+            Expect::ConnectTimeout { .. } => "connect_timeout",
+            Expect::Refused => "connect_failed",
+        }
+    }
+
+    /// The fields of the request span; `None` for a field that must be absent. `binding` is
+    /// the `tower_timeouts.timeout_ms` to expect, if any.
+    fn span_fields(&self, binding: Option<Duration>) -> Vec<(&'static str, Option<String>)> {
+        let status = |s: StatusCode| Some(s.as_u16().to_string());
+        let mut fields = vec![(OUTCOME, Some(self.kind().to_owned()))];
+        match self {
+            Expect::Completed(code) => {
+                fields.push((HTTP_RESPONSE_STATUS_CODE, status(*code)));
+                fields.push((ERROR_TYPE, None));
+            }
+            Expect::Timeout { status: code, .. } => {
+                fields.push((HTTP_RESPONSE_STATUS_CODE, status(*code)));
+                fields.push((RECORDED_STATUS, status(*code)));
+                fields.push((ERROR_TYPE, Some("http_response_timeout".to_owned())));
+            }
+            Expect::Disconnected => {
+                fields.push((HTTP_RESPONSE_STATUS_CODE, None));
+                fields.push((RECORDED_STATUS, Some("499".to_owned())));
+                fields.push((ERROR_TYPE, Some("client_disconnected".to_owned())));
+            }
+            Expect::Dropped => {
+                fields.push((HTTP_RESPONSE_STATUS_CODE, None));
+                fields.push((ERROR_TYPE, Some("dropped".to_owned())));
+            }
+            Expect::ConnectTimeout { status: code, .. } => {
+                fields.push((HTTP_RESPONSE_STATUS_CODE, status(*code)));
+                fields.push((ERROR_TYPE, Some("connection_timeout".to_owned())));
+            }
+            Expect::Refused => {
+                fields.push((HTTP_RESPONSE_STATUS_CODE, status(StatusCode::BAD_GATEWAY)));
+                fields.push((ERROR_TYPE, Some("connection_refused".to_owned())));
+            }
+        }
+        if let Some(binding) = binding {
+            fields.push((TIMEOUT_MS, Some(binding.as_millis().to_string())));
+        }
+        fields
+    }
+
+    fn events(&self) -> usize {
+        match self {
+            Expect::Completed(_) => 0,
+            _ => 1,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checking a case
+
+/// The broken rules of one case.
+struct Check {
+    case: String,
+    failures: Vec<String>,
+}
+
+impl Check {
+    fn new(case: String) -> Self {
+        Check {
+            case,
+            failures: Vec::new(),
+        }
+    }
+
+    fn fail(&mut self, what: impl fmt::Display) {
+        self.failures.push(format!("{}: {what}", self.case));
+    }
+
+    fn ensure(&mut self, ok: bool, what: impl FnOnce() -> String) {
+        if !ok {
+            self.fail(what());
+        }
+    }
+}
+
+/// Waits until `done` holds; false after [`SOON`].
+async fn wait_until(mut done: impl FnMut() -> bool) -> bool {
+    timeout(SOON, async {
+        while !done() {
+            tokio::time::sleep(TICK).await;
+        }
+    })
+    .await
+    .is_ok()
+}
+
+fn field<'a>(captured: &'a Captured, name: &str) -> Option<&'a str> {
+    captured.fields.get(name).map(String::as_str)
+}
+
+/// The client a span or an event belongs to: its own `user_agent.original`, or its parent's.
+fn agent_of(captured: &Captured) -> Option<&str> {
+    field(captured, USER_AGENT_ORIGINAL).or_else(|| {
+        captured
+            .parent
+            .as_ref()
+            .and_then(|parent| parent.get(USER_AGENT_ORIGINAL))
+            .map(String::as_str)
+    })
+}
+
+fn outcome_events(capture: &Capture) -> Vec<Captured> {
+    capture
+        .events()
+        .into_iter()
+        .filter(|event| field(event, OUTCOME).is_some())
+        .collect()
+}
+
+fn summary(spans: &[Captured]) -> Vec<String> {
+    spans
+        .iter()
+        .map(|span| {
+            format!(
+                "{}(agent={:?}, outcome={:?}, status={:?}, recorded={:?}, timeout_ms={:?}, \
+                 parent={:?})",
+                span.name,
+                agent_of(span),
+                field(span, OUTCOME),
+                field(span, HTTP_RESPONSE_STATUS_CODE),
+                field(span, RECORDED_STATUS),
+                field(span, TIMEOUT_MS),
+                span.parent_name
+            )
+        })
+        .collect()
+}
+
+/// Exactly one hook report over all hooks, the expected one.
+fn check_reports(check: &mut Check, who: &str, reports: &[Outcome], expect: &Expect) {
+    let ok = reports.len() == 1 && expect.matches(&reports[0]);
+    check.ensure(ok, || {
+        format!("{who}: expected exactly one report {expect:?}, got {reports:?}")
+    });
+}
+
+/// Exactly one request span, with the expected fields.
+fn check_span(check: &mut Check, spans: &[Captured], expect: &Expect, binding: Option<Duration>) {
+    if spans.len() != 1 {
+        check.fail(format!(
+            "expected exactly one `request` span, got {}: {:?}",
+            spans.len(),
+            summary(spans)
+        ));
+    }
+    // The span with the outcome, if any, else the first: its fields are checked anyway.
+    let Some(span) = spans
+        .iter()
+        .find(|span| field(span, OUTCOME).is_some())
+        .or(spans.first())
+    else {
+        return;
+    };
+    for (name, value) in expect.span_fields(binding) {
+        let got = field(span, name);
+        check.ensure(got == value.as_deref(), || {
+            format!("span field {name}: expected {value:?}, got {got:?} in {span:?}")
+        });
+    }
+}
+
+/// Exactly the expected number of outcome events, of the expected kind.
+fn check_events(check: &mut Check, events: &[Captured], expect: &Expect) {
+    let kinds: Vec<_> = events.iter().map(|event| field(event, OUTCOME)).collect();
+    let ok =
+        events.len() == expect.events() && kinds.iter().all(|kind| *kind == Some(expect.kind()));
+    check.ensure(ok, || {
+        format!(
+            "expected {} outcome event(s) `{}`, got {kinds:?}",
+            expect.events(),
+            expect.kind()
+        )
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients
+
+struct Fetched {
+    status: StatusCode,
+    headers: HeaderMap,
+}
+
+fn client_request(addr: SocketAddr, path: &str, agent: &str) -> http::Request<Empty<Bytes>> {
+    http::Request::builder()
+        .uri(format!("http://{addr}{path}"))
+        .header(USER_AGENT, agent)
+        .header(ACCEPT_ENCODING, "gzip")
+        .body(Empty::new())
+        .unwrap()
+}
+
+/// A GET on a fresh connection, read to its end.
+async fn fetch(http: Http, addr: SocketAddr, path: &str, agent: &str) -> Result<Fetched, String> {
+    let exchange = async {
+        let request = client_request(addr, path, agent);
+        let response = match http {
+            Http::V1 => common::h1(addr).await.send_request(request).await,
+            Http::V2 => common::h2(addr).await.send_request(request).await,
+        }
+        .map_err(|error| format!("GET {path}: {error}"))?;
+        let (parts, body) = response.into_parts();
+        common::body_bytes(body).await;
+        Ok(Fetched {
+            status: parts.status,
+            headers: parts.headers,
+        })
+    };
+    timeout(SOON, exchange)
+        .await
+        .unwrap_or_else(|_| Err(format!("GET {path}: no answer within {SOON:?}")))
+}
+
+/// What keeps an HTTP/2 connection open after its stream was reset.
+type Connection = Option<hyper::client::conn::http2::SendRequest<Empty<Bytes>>>;
+
+/// Waits for the handler's next start.
+async fn next_start(started: &mut mpsc::UnboundedReceiver<()>, path: &str) -> Result<(), String> {
+    match timeout(SOON, started.recv()).await {
+        Ok(Some(())) => Ok(()),
+        _ => Err(format!(
+            "GET {path}: the handler did not start within {SOON:?}"
+        )),
+    }
+}
+
+/// A GET whose client leaves once the handler started `starts` times: HTTP/1.1 closes its
+/// socket (a GET is seen at once), HTTP/2 resets the stream and keeps the connection.
+async fn leave(
+    http: Http,
+    addr: SocketAddr,
+    path: &str,
+    agent: &str,
+    started: &mut mpsc::UnboundedReceiver<()>,
+    starts: usize,
+) -> Result<Connection, String> {
+    match http {
+        Http::V1 => {
+            let mut stream = TcpStream::connect(addr)
+                .await
+                .map_err(|error| error.to_string())?;
+            stream.set_nodelay(true).unwrap();
+            let request =
+                format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nuser-agent: {agent}\r\n\r\n");
+            stream
+                .write_all(request.as_bytes())
+                .await
+                .map_err(|error| error.to_string())?;
+            for _ in 0..starts {
+                next_start(started, path).await?;
+            }
+            drop(stream);
+            Ok(None)
+        }
+        Http::V2 => {
+            let mut send = common::h2(addr).await;
+            let mut response = Box::pin(send.send_request(client_request(addr, path, agent)));
+            for _ in 0..starts {
+                tokio::select! {
+                    answer = &mut response => {
+                        return Err(format!(
+                            "GET {path}: answered {:?} before the client left",
+                            answer.map(|response| response.status())
+                        ));
+                    }
+                    start = next_start(started, path) => start?,
+                }
+            }
+            // RST_STREAM CANCEL; the connection stays.
+            drop(response);
+            Ok(Some(send))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running the matrix
+
+/// Runs one placement × scenario × server × version; returns the broken rules.
+async fn run_case(
+    capture: Capture,
+    placement: &'static Placement,
+    scenario: Scenario,
+    server: Server,
+    http: Http,
+) -> Vec<String> {
+    let mut check = Check::new(format!(
+        "[{} | {} | {server:?} | {http:?}]",
+        placement.name,
+        scenario.label()
+    ));
+    let agent = format!(
+        "compositions/{}/{scenario:?}/{server:?}/{http:?}",
+        placement.name.split(' ').next().unwrap()
+    );
+    let (probe, mut reports) = Probe::new();
+    let outcomes = Outcomes::new();
+    let (limit, outer) = scenario.limits();
+    let kit = Kit {
+        outcomes: outcomes.clone(),
+        limit,
+        outer,
+        retries: scenario.retries(),
+    };
+    let binding = if placement.twice {
+        limit.min(outer)
+    } else {
+        limit
+    };
+    let addr = common::serve(server, (placement.build)(&kit, routes(probe.clone()))).await;
+    let path = |route: &str| format!("{}{route}", placement.prefix);
+
+    let mut connection: Connection = None;
+    let expect = match scenario {
+        Scenario::Fast | Scenario::RetryAnswers => {
+            let route = if scenario == Scenario::Fast {
+                "/fast"
+            } else {
+                "/flaky"
+            };
+            match fetch(http, addr, &path(route), &agent).await {
+                Ok(fetched) => {
+                    check.ensure(fetched.status == StatusCode::OK, || {
+                        format!("the client got {}, expected 200", fetched.status)
+                    });
+                    if placement.gzip {
+                        let encoding = fetched.headers.get(CONTENT_ENCODING);
+                        check.ensure(encoding.is_some_and(|e| e == "gzip"), || {
+                            format!("expected a gzip-compressed answer, got {encoding:?}")
+                        });
+                    }
+                }
+                Err(error) => check.fail(error),
+            }
+            if scenario == Scenario::RetryAnswers {
+                let calls = probe.calls.load(Ordering::SeqCst);
+                check.ensure(calls == 2, || {
+                    format!("the handler was called {calls} times, expected 2 (one retry)")
+                });
+            }
+            Expect::Completed(StatusCode::OK)
+        }
+        Scenario::Slow | Scenario::OuterFirst => {
+            match fetch(http, addr, &path("/slow"), &agent).await {
+                Ok(fetched) => {
+                    check.ensure(fetched.status == placement.timeout_status, || {
+                        format!(
+                            "the client got {}, expected {}",
+                            fetched.status, placement.timeout_status
+                        )
+                    });
+                    let proxy_status = fetched.headers.get(PROXY_STATUS);
+                    check.ensure(
+                        proxy_status.is_some_and(|value| value == TIMEOUT_PROXY_STATUS),
+                        || format!("Proxy-Status: expected {TIMEOUT_PROXY_STATUS:?}, got {proxy_status:?}"),
+                    );
+                }
+                Err(error) => check.fail(error),
+            }
+            Expect::Timeout {
+                limit: binding,
+                status: placement.timeout_status,
+            }
+        }
+        Scenario::Leaves | Scenario::LeavesDuringRetry => {
+            // During the retry: once the second attempt started.
+            let starts = if scenario == Scenario::Leaves { 1 } else { 2 };
+            match leave(
+                http,
+                addr,
+                &path("/slow"),
+                &agent,
+                &mut reports.started,
+                starts,
+            )
+            .await
+            {
+                Ok(kept) => connection = kept,
+                Err(error) => check.fail(error),
+            }
+            if placement.disconnect {
+                Expect::Disconnected
+            } else {
+                Expect::Dropped
+            }
+        }
+    };
+
+    // What the checks need, waited for; then the grace for a wrong extra record.
+    if !wait_until(|| !outcomes.all().is_empty()).await {
+        check.fail(format!("no hook report within {SOON:?}"));
+    }
+    if !wait_until(|| probe.live.count() == 0).await {
+        check.fail(format!(
+            "the handler's future was not dropped within {SOON:?}"
+        ));
+    }
+    tokio::time::sleep(GRACE).await;
+
+    check_reports(&mut check, "hooks", &outcomes.all(), &expect);
+    let mine = |captured: &Captured| agent_of(captured) == Some(agent.as_str());
+    let spans: Vec<_> = capture.closed_spans().into_iter().filter(mine).collect();
+    check_span(&mut check, &spans, &expect, Some(binding));
+    let events: Vec<_> = outcome_events(&capture).into_iter().filter(mine).collect();
+    check_events(&mut check, &events, &expect);
+
+    // ClientGone: fired for a client that left under a ClientDisconnectLayer, never otherwise.
+    let signals = probe.signals();
+    let given: Vec<ClientGone> = signals.iter().flatten().cloned().collect();
+    let fired = given.iter().filter(|gone| gone.is_gone()).count();
+    if placement.disconnect {
+        check.ensure(given.len() == signals.len(), || {
+            format!("a handler call got no ClientGone under a ClientDisconnectLayer: {signals:?}")
+        });
+    } else {
+        check.ensure(given.is_empty(), || {
+            format!("a ClientGone without a ClientDisconnectLayer: {signals:?}")
+        });
+    }
+    if expect == Expect::Disconnected {
+        check.ensure(!given.is_empty() && fired == given.len(), || {
+            format!("ClientGone not fired: {signals:?}")
+        });
+        // The signal fired: the task watching it hears so.
+        let mut watched = 0;
+        let heard = timeout(SOON, async {
+            while watched < fired {
+                reports.watched.recv().await;
+                watched += 1;
+            }
+        })
+        .await;
+        check.ensure(heard.is_ok(), || {
+            format!("the spawned watcher heard {watched} of {fired} fired signals")
+        });
+    } else {
+        let mut watched = 0;
+        while reports.watched.try_recv().is_ok() {
+            watched += 1;
+        }
+        check.ensure(fired == 0 && watched == 0, || {
+            format!("ClientGone fired ({fired} of {} signals, {watched} heard by the watcher), but the client did not leave", given.len())
+        });
+    }
+    drop(connection);
+    check.failures
+}
+
+/// Runs every scenario of `placements` on both servers and both versions, all at once, and
+/// fails with every broken rule of every case.
+async fn matrix(placements: &[&'static Placement]) {
+    let (capture, _guard) = Capture::install_crate_only();
+    let mut cases = JoinSet::new();
+    let mut names = HashMap::new();
+    for &placement in placements {
+        for &scenario in placement.scenarios {
+            for server in SERVERS {
+                for http in VERSIONS {
+                    let case = run_case(capture.clone(), placement, scenario, server, http);
+                    let id = cases.spawn(case).id();
+                    let name = format!(
+                        "[{} | {} | {server:?} | {http:?}]",
+                        placement.name,
+                        scenario.label()
+                    );
+                    names.insert(id, name);
+                }
+            }
+        }
+    }
+    let mut failures = Vec::new();
+    let (mut total, mut failed) = (0, 0);
+    while let Some(joined) = cases.join_next_with_id().await {
+        total += 1;
+        let broken = match joined {
+            Ok((_, broken)) => broken,
+            Err(error) => vec![format!("{}: panicked: {error}", names[&error.id()])],
+        };
+        failed += usize::from(!broken.is_empty());
+        failures.extend(broken);
+    }
+    // Every request span and outcome event belongs to some case's client.
+    let strays: Vec<_> = capture
+        .closed_spans()
+        .into_iter()
+        .chain(outcome_events(&capture))
+        .filter(|captured| agent_of(captured).is_none())
+        .collect();
+    if !strays.is_empty() {
+        failures.push(format!(
+            "request spans or outcome events of no client request: {strays:?}"
+        ));
+    }
+    failures.sort();
+    assert!(
+        failures.is_empty(),
+        "{failed} of {total} cases failed:\n{}",
+        failures.join("\n")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 0-8: the server-side placements
+
+#[tokio::test]
+async fn timeout_alone_records_dropped_and_gives_no_signal() {
+    matrix(&[&TIMEOUT_ALONE]).await;
+}
+
+#[tokio::test]
+async fn one_service_builder() {
+    matrix(&[&ONE_SERVICE_BUILDER]).await;
+}
+
+#[tokio::test]
+async fn two_layer_calls_disconnect_outside() {
+    matrix(&[&LAYER_CALLS_CD_OUTSIDE]).await;
+}
+
+#[tokio::test]
+async fn two_layer_calls_timeout_outside() {
+    matrix(&[&LAYER_CALLS_RT_OUTSIDE]).await;
+}
+
+#[tokio::test]
+async fn stack_applied_twice_route_layer_and_layer() {
+    matrix(&[&ROUTE_LAYER_AND_LAYER]).await;
+}
+
+#[tokio::test]
+async fn stack_applied_twice_nested_routers() {
+    matrix(&[&NESTED]).await;
+}
+
+#[tokio::test]
+async fn from_fn_map_request_map_response_between() {
+    matrix(&[
+        &FROM_FN_BETWEEN,
+        &MAP_REQUEST_BETWEEN,
+        &MAP_RESPONSE_BETWEEN,
+        &MIDDLEWARE_IN_ONE_SERVICE_BUILDER,
+        &FROM_FN_BETWEEN_RT_OUTSIDE,
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn map_response_rewriting_the_504_is_recorded_with_its_status() {
+    matrix(&[&MAP_RESPONSE_REWRITES_504]).await;
+}
+
+#[tokio::test]
+async fn retry_between() {
+    matrix(&[&RETRY_LAYER_CALLS, &RETRY_ONE_SERVICE_BUILDER]).await;
+}
+
+#[tokio::test]
+async fn trace_and_compression_around() {
+    matrix(&[
+        &TRACE_COMPRESSION_ONE_SERVICE_BUILDER,
+        &TRACE_COMPRESSION_LAYER_CALLS,
+    ])
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9: a gateway handler calling upstream, awaited or spawned, with the server request's
+// extensions or a fresh request.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Call {
+    Awaited,
+    Spawned,
+    /// Spawned, the task instrumented with the handler's current span.
+    SpawnedInstrumented,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Build {
+    /// From the server request's parts: its extensions go upstream.
+    Forwarded,
+    Fresh,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Upstream {
+    Healthy,
+    BlackHole,
+    Refused,
+}
+
+type UpstreamStack = BoxCloneSyncService<Request, Response, Infallible>;
+
+#[derive(Clone)]
+struct Gateway {
+    upstream: UpstreamStack,
+    uri: Uri,
+    call: Call,
+    build: Build,
+}
+
+/// `UpstreamFailureLayer` outside `ResponseTimeoutLayer` around hyper-util's legacy `Client`,
+/// `ConnectTimeoutLayer` on its connector; a hook on both layers.
+fn upstream_stack(outcomes: &Outcomes) -> UpstreamStack {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    let connector = ConnectTimeoutLayer::new(CONNECT_LIMIT).layer(http);
+    let client = Client::builder(TokioExecutor::new()).build(connector);
+    let service = ServiceBuilder::new()
+        .layer(UpstreamFailureLayer::new().on_outcome(outcomes.hook()))
+        .layer(ResponseTimeoutLayer::new(LONG).on_outcome(outcomes.hook()))
+        .service(client)
+        .map_response(|response| response.map(Body::new));
+    BoxCloneSyncService::new(service)
+}
+
+async fn gateway(State(gateway): State<Gateway>, request: Request) -> Response {
+    let upstream_request = match gateway.build {
+        Build::Forwarded => {
+            let (mut parts, _) = request.into_parts();
+            parts.uri = gateway.uri.clone();
+            parts.version = http::Version::HTTP_11;
+            parts.headers.remove(HOST);
+            Request::from_parts(parts, Body::empty())
+        }
+        Build::Fresh => Request::builder()
+            .uri(gateway.uri.clone())
+            .body(Body::empty())
+            .unwrap(),
+    };
+    let call = gateway.upstream.clone().oneshot(upstream_request);
+    let answer = match gateway.call {
+        Call::Awaited => call.await,
+        Call::Spawned => tokio::spawn(call).await.unwrap(),
+        Call::SpawnedInstrumented => tokio::spawn(call.instrument(tracing::Span::current()))
+            .await
+            .unwrap(),
+    };
+    answer.unwrap_or_else(|never| match never {})
+}
+
+/// Runs the gateway cases of one way of calling upstream, one at a time (an `upstream` span
+/// has no client's `user-agent` of its own to be told apart by).
+async fn gateway_cases(call: Call, build: Build) {
+    let (capture, _guard) = Capture::install_crate_only();
+    let healthy = common::serve(
+        Server::AxumServe,
+        Router::new().route("/up", get(|| async { "upstream ok" })),
+    )
+    .await;
+    let hole = common::black_hole().await;
+    let (refused, _socket) = common::refusing();
+    let mut failures = Vec::new();
+    let (mut total, mut failed) = (0, 0);
+    for upstream in [Upstream::Healthy, Upstream::BlackHole, Upstream::Refused] {
+        for server in SERVERS {
+            let target = match upstream {
+                Upstream::Healthy => healthy,
+                Upstream::BlackHole => hole.addr,
+                Upstream::Refused => refused,
+            };
+            let case = gateway_case(&capture, call, build, upstream, target, server);
+            let broken = case.await;
+            total += 1;
+            failed += usize::from(!broken.is_empty());
+            failures.extend(broken);
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{failed} of {total} cases failed:\n{}",
+        failures.join("\n")
+    );
+}
+
+async fn gateway_case(
+    capture: &Capture,
+    call: Call,
+    build: Build,
+    upstream: Upstream,
+    target: SocketAddr,
+    server: Server,
+) -> Vec<String> {
+    let mut check = Check::new(format!(
+        "[9 gateway, {call:?} upstream call, {build:?} request | g {upstream:?} upstream | {server:?} | V1]"
+    ));
+    let agent = format!("compositions/9/{call:?}/{build:?}/{upstream:?}/{server:?}");
+    let outcomes = Outcomes::new();
+    let upstream_outcomes = Outcomes::new();
+    let state = Gateway {
+        upstream: upstream_stack(&upstream_outcomes),
+        uri: format!("http://{target}/up").parse().unwrap(),
+        call,
+        build,
+    };
+    let kit = Kit {
+        outcomes: outcomes.clone(),
+        limit: LONG,
+        outer: LONG,
+        retries: 0,
+    };
+    let app = Router::new()
+        .route("/gw", get(gateway))
+        .with_state(state)
+        .layer(kit.stack(LONG));
+    let addr = common::serve(server, app).await;
+
+    let before_spans = capture.closed_spans().len();
+    let before_upstream = capture.upstream_spans().len();
+    let before_events = outcome_events(capture).len();
+
+    let (status, proxy_status, expect) = match upstream {
+        Upstream::Healthy => (StatusCode::OK, None, Expect::Completed(StatusCode::OK)),
+        Upstream::BlackHole => {
+            let status = StatusCode::from_u16(599).unwrap();
+            let expect = Expect::ConnectTimeout {
+                limit: CONNECT_LIMIT,
+                status,
+            };
+            (status, Some(CONNECT_TIMEOUT_PROXY_STATUS), expect)
+        }
+        Upstream::Refused => (
+            StatusCode::BAD_GATEWAY,
+            Some(REFUSED_PROXY_STATUS),
+            Expect::Refused,
+        ),
+    };
+    match fetch(Http::V1, addr, "/gw", &agent).await {
+        Ok(fetched) => {
+            check.ensure(fetched.status == status, || {
+                format!("the client got {}, expected {status}", fetched.status)
+            });
+            let got = fetched.headers.get(PROXY_STATUS);
+            check.ensure(got.map(|v| v.to_str().unwrap()) == proxy_status, || {
+                format!("Proxy-Status: expected {proxy_status:?}, got {got:?}")
+            });
+        }
+        Err(error) => check.fail(error),
+    }
+
+    if !wait_until(|| !outcomes.all().is_empty() && !upstream_outcomes.all().is_empty()).await {
+        check.fail(format!(
+            "no report from the server's or the upstream's hooks within {SOON:?}"
+        ));
+    }
+    if !wait_until(|| capture.closed_spans().len() > before_spans).await {
+        check.fail(format!("no `request` span closed within {SOON:?}"));
+    }
+    tokio::time::sleep(GRACE).await;
+
+    check_reports(&mut check, "server hooks", &outcomes.all(), &expect);
+    check_reports(
+        &mut check,
+        "upstream hooks",
+        &upstream_outcomes.all(),
+        &expect,
+    );
+
+    let spans = capture.closed_spans()[before_spans..].to_vec();
+    let binding = (upstream == Upstream::BlackHole).then_some(CONNECT_LIMIT);
+    check_span(&mut check, &spans, &expect, binding);
+    if let [span] = &spans[..] {
+        check.ensure(agent_of(span) == Some(agent.as_str()), || {
+            format!("the `request` span is not the client request's: {span:?}")
+        });
+    }
+    let events = outcome_events(capture)[before_events..].to_vec();
+    check_events(&mut check, &events, &expect);
+
+    let upstream_spans = capture.upstream_spans()[before_upstream..].to_vec();
+    check.ensure(upstream_spans.len() == 1, || {
+        format!(
+            "expected exactly one `{UPSTREAM_SPAN}` span, got {}: {:?}",
+            upstream_spans.len(),
+            summary(&upstream_spans)
+        )
+    });
+    if let Some(span) = upstream_spans.first() {
+        check.ensure(field(span, OTEL_KIND) == Some("client"), || {
+            format!("the upstream span's otel.kind is not `client`: {span:?}")
+        });
+        if call != Call::Spawned || build == Build::Forwarded {
+            let parent_agent = span
+                .parent
+                .as_ref()
+                .and_then(|parent| parent.get(USER_AGENT_ORIGINAL));
+            check.ensure(
+                span.parent_name.as_deref() == Some(trace::SPAN_NAME)
+                    && parent_agent == Some(&agent),
+                || format!("the upstream span is not a child of the request's span: {span:?}"),
+            );
+        }
+    }
+    check.failures
+}
+
+#[tokio::test]
+async fn gateway_awaited_forwarded_request() {
+    gateway_cases(Call::Awaited, Build::Forwarded).await;
+}
+
+#[tokio::test]
+async fn gateway_awaited_fresh_request() {
+    gateway_cases(Call::Awaited, Build::Fresh).await;
+}
+
+#[tokio::test]
+async fn gateway_spawned_forwarded_request() {
+    gateway_cases(Call::Spawned, Build::Forwarded).await;
+}
+
+#[tokio::test]
+async fn gateway_spawned_fresh_request() {
+    gateway_cases(Call::Spawned, Build::Fresh).await;
+}
+
+#[tokio::test]
+async fn gateway_spawned_instrumented_fresh_request() {
+    gateway_cases(Call::SpawnedInstrumented, Build::Fresh).await;
+}
