@@ -62,7 +62,8 @@ use tower_timeouts::{
 };
 use tracing::Instrument as _;
 
-use common::{Capture, Captured, Live, Outcomes, Server, SERVERS, SOON, UPSTREAM_SPAN};
+use common::{Capture, Captured, Live, Outcomes, Server, SERVERS, SOON};
+use tower_timeouts::trace::UPSTREAM_SPAN_NAME as UPSTREAM_SPAN;
 
 /// The limit that fires in a scenario.
 const SHORT: Duration = Duration::from_millis(200);

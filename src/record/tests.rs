@@ -290,10 +290,7 @@ async fn a_rewritten_generated_status_is_recorded_with_the_status_sent() {
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
         outcomes.one(),
-        Outcome::response_timeout(
-            Duration::from_millis(100),
-            StatusCode::SERVICE_UNAVAILABLE
-        )
+        Outcome::response_timeout(Duration::from_millis(100), StatusCode::SERVICE_UNAVAILABLE)
     );
 }
 
@@ -303,9 +300,11 @@ async fn the_hook_called_is_the_outermost_one_there_is() {
     let inner = Outcomes::default();
     let probe = Probe::default();
     let service = ClientDisconnectLayer::new().layer(lazy(
-        timeout()
-            .on_outcome(outer.hook())
-            .layer(lazy(timeout().on_outcome(inner.hook()).layer(probe.handler(Some(1))))),
+        timeout().on_outcome(outer.hook()).layer(lazy(
+            timeout()
+                .on_outcome(inner.hook())
+                .layer(probe.handler(Some(1))),
+        )),
     ));
     let response = service.oneshot(Request::new(())).await.unwrap();
     drop(response);

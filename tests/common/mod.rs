@@ -222,10 +222,6 @@ pub struct Captured {
 /// Keeps a [`Capture`] installed; see [`Capture::install`].
 pub struct CaptureGuard(tracing::subscriber::DefaultGuard, tracing::Dispatch);
 
-/// The name of the span a call through `UpstreamFailureLayer` gets (issue 10's contract;
-/// `trace::UPSTREAM_SPAN_NAME` once the crate has it).
-pub const UPSTREAM_SPAN: &str = "upstream";
-
 /// Captures closed `request` spans and the events emitted in them; also closed `upstream`
 /// spans (with their parent's name and fields), and how many spans of each name closed.
 #[derive(Clone, Default)]
@@ -370,7 +366,7 @@ where
                 parent_name: span.parent().map(|parent| parent.name().to_owned()),
                 level: *span.metadata().level(),
             });
-        } else if span.name() == UPSTREAM_SPAN {
+        } else if span.name() == tower_timeouts::trace::UPSTREAM_SPAN_NAME {
             self.upstream.lock().unwrap().push(Captured {
                 name: span.name().to_owned(),
                 fields: fields_of(&span),
