@@ -5,15 +5,20 @@
 //! | what happened | outcome |
 //! |---|---|
 //! | connected, but the response did not arrive in time | **504** Gateway Timeout, `Proxy-Status: tower-timeouts; error=http_response_timeout` |
+//! | the connection to the upstream was not established in time | **599** Network Connect Timeout Error (504 with `rfc9209_statuses`), `error=connection_timeout` |
+//! | connecting to the upstream failed outright (refused, unreachable) | **502** Bad Gateway, `error=connection_refused`, … |
 //! | the client closed its connection before the response was done | **499** Client Closed Request, *recorded* (span, event, hook), never sent; the work is cancelled |
 //!
 //! - [`ResponseTimeoutLayer`] answers a slow inner service with a generated response, never an
 //!   error, so it fits `axum::Router::layer` as it is.
 //! - [`ClientDisconnectLayer`] notices the client leaving (before the head or during the body),
 //!   records a 499 and fires a [`ClientGone`] signal for the work the handler spawned.
+//! - On the upstream side of a gateway, [`ConnectTimeoutLayer`] times a client's connector, and
+//!   [`UpstreamFailureLayer`] turns the client's errors into 599 and 502 responses.
 //! - Every request through them ends with exactly one [`Outcome`], recorded once into one
 //!   [span](trace), as an event when it is not a normal completion, and through an
-//!   [`on_outcome`](ClientDisconnectLayer::on_outcome) hook.
+//!   [`on_outcome`](ClientDisconnectLayer::on_outcome) hook, whatever the order of the layers
+//!   and however often they are applied (see [`record`]).
 //!
 //! # Example
 //!
@@ -33,6 +38,9 @@
 //!
 //! # Feature flags
 //!
+//! - `hyper` (on by default): generated 599 responses carry hyper's `ReasonPhrase` ("Network
+//!   Connect Timeout Error") on HTTP/1.1, and [`UpstreamFailureLayer`] tells hyper's errors apart
+//!   (a connection closed, a protocol error).
 //! - `axum`: [`ClientGone`] becomes an axum extractor.
 
 #![forbid(unsafe_code)]

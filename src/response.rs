@@ -149,6 +149,11 @@ impl fmt::Debug for ResponseConfig {
 }
 
 impl ResponseConfig {
+    /// The default responses.
+    pub(crate) const fn new() -> Self {
+        ResponseConfig { custom: None }
+    }
+
     fn custom(&mut self) -> &mut Custom {
         Arc::make_mut(self.custom.get_or_insert_with(|| {
             Arc::new(Custom {

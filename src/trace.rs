@@ -1,10 +1,14 @@
 //! The request span and its fields: OpenTelemetry HTTP fields plus the crate's own.
 //!
 //! The outermost of the crate's layers on a request opens one span for it, named `request`,
-//! as a child of the span current at `call` (for instance tower-http's `TraceLayer` span).
-//! Inner layers of the crate record into that same span. When the request ends, the span
-//! gets the outcome fields, and every outcome other than a normal completion emits one event
-//! (WARN by default) whose parent is that span.
+//! as a child of the span current at `call` (for instance tower-http's `TraceLayer` span),
+//! and records the request's outcome into it for all of the crate's layers on the request.
+//! When the request ends, the span gets the outcome fields, and every outcome other than a
+//! normal completion emits one event (WARN by default) whose parent is that span.
+//!
+//! A call a handler makes upstream through an [`UpstreamFailureLayer`](crate::UpstreamFailureLayer)
+//! gets a span of its own, named `upstream` (`otel.kind = client`), under the request's span;
+//! see [`UPSTREAM_SPAN_NAME`].
 //!
 //! # Example
 //!
@@ -31,13 +35,17 @@
 //! |---|---|
 //! | `http.request.method`, `url.path`, `user_agent.original` | at the start |
 //! | `otel.kind` | `server`, at the start |
-//! | `tower_timeouts.timeout_ms` | when a [`ResponseTimeout`](crate::ResponseTimeout) applies a limit |
+//! | `tower_timeouts.timeout_ms` | at the end, when a [`ResponseTimeout`](crate::ResponseTimeout) applies a limit: the one that fired, or the smallest |
 //! | `tower_timeouts.outcome` | at the end: [`Outcome::kind`] |
 //! | `http.response.status_code` | at the end, only when a status was actually sent |
 //! | `tower_timeouts.recorded_status` | at the end: the status sent, or 499 for a client gone before the head |
 //! | `error.type` | at the end, for anything but a normal completion: [`Outcome::error_type`] |
 //! | `otel.status_code` | `ERROR` when [`Outcome::is_error`] |
 //! | `tower_timeouts.elapsed_ms` | at the end |
+//!
+//! The `upstream` span has `http.request.method`, `url.full`, `server.address`, `server.port`,
+//! `otel.kind = client`, and the same outcome fields, except that `http.response.status_code`
+//! is the status the upstream sent, if it sent one. It emits no event.
 //!
 //! Tracing only records fields that were declared when the span was opened. If you make the
 //! span yourself and use [`record_in_current_span`](crate::ClientDisconnectLayer::record_in_current_span),

@@ -10,7 +10,7 @@
 //!
 //! let app: Router = Router::new().route("/", get(|| async { "hello" })).layer(
 //!     ServiceBuilder::new()
-//!         // Outermost: only here is a dropped future really a client that left.
+//!         // Outermost, so that its elapsed time covers the whole request.
 //!         .layer(ClientDisconnectLayer::new())
 //!         .layer(ResponseTimeoutLayer::new(Duration::from_secs(10))),
 //! );
@@ -62,10 +62,13 @@
 //!
 //! # Where to put it
 //!
-//! Outermost, around every other layer that may drop what it wraps (timeouts, load shedding):
-//! a drop is only a client leaving if nothing between the server and this layer caused it. The
-//! crate's own timeouts record their outcome before they drop the inner future, so whatever the
-//! order they are never taken for a disconnect.
+//! Anywhere among the crate's layers: whatever the order, a timeout of the crate is never
+//! taken for a client leaving (it drops what it wraps as *abandoned*), and a client that leaves
+//! is recorded as one whenever this layer is on the request (see [`record`](crate::record)).
+//! Outermost is the usual place: its elapsed time then covers everything. Keep it, like the
+//! crate's other layers, outside layers that are not the crate's and drop what they wrap (a
+//! `tower_http` timeout, load shedding): a drop from outside all of the crate's layers looks
+//! like the server's.
 
 mod body;
 mod future;

@@ -47,6 +47,7 @@ mod future;
 pub use self::error::ConnectTimeoutError;
 pub use self::future::ConnectFuture;
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -56,11 +57,17 @@ use tower_service::Service;
 
 use crate::trace;
 
-/// Applies [`ConnectTimeout`] to a connector.
+/// Configuration shared by a layer's connectors.
 #[derive(Clone, Copy, Debug)]
-pub struct ConnectTimeoutLayer {
+struct Config {
     timeout: Duration,
     with_address: bool,
+}
+
+/// Applies [`ConnectTimeout`] to a connector.
+#[derive(Clone, Debug)]
+pub struct ConnectTimeoutLayer {
+    config: Config,
 }
 
 impl ConnectTimeoutLayer {
@@ -68,8 +75,10 @@ impl ConnectTimeoutLayer {
     /// ready at its first poll; a limit beyond the clock's range never fires.
     pub const fn new(timeout: Duration) -> Self {
         ConnectTimeoutLayer {
-            timeout,
-            with_address: false,
+            config: Config {
+                timeout,
+                with_address: false,
+            },
         }
     }
 
@@ -77,7 +86,7 @@ impl ConnectTimeoutLayer {
     /// `Display`. Off by default, so that nothing about the upstream leaks where errors are
     /// shown.
     pub const fn with_address_in_errors(mut self) -> Self {
-        self.with_address = true;
+        self.config.with_address = true;
         self
     }
 }
@@ -88,7 +97,7 @@ impl<C> Layer<C> for ConnectTimeoutLayer {
     fn layer(&self, inner: C) -> Self::Service {
         ConnectTimeout {
             inner,
-            layer: *self,
+            config: Arc::new(self.config),
         }
     }
 }
@@ -99,16 +108,13 @@ impl<C> Layer<C> for ConnectTimeoutLayer {
 #[derive(Clone, Debug)]
 pub struct ConnectTimeout<C> {
     inner: C,
-    layer: ConnectTimeoutLayer,
+    config: Arc<Config>,
 }
 
 impl<C> ConnectTimeout<C> {
     /// Wraps `inner` with a limit of `timeout`.
-    pub const fn new(inner: C, timeout: Duration) -> Self {
-        ConnectTimeout {
-            inner,
-            layer: ConnectTimeoutLayer::new(timeout),
-        }
+    pub fn new(inner: C, timeout: Duration) -> Self {
+        ConnectTimeoutLayer::new(timeout).layer(inner)
     }
 
     /// The inner connector.
@@ -152,12 +158,12 @@ where
             { trace::CONNECT_OUTCOME } = tracing::field::Empty,
         );
         let address = self
-            .layer
+            .config
             .with_address
             .then(|| uri.authority().map(|authority| authority.to_string()))
             .flatten();
         let inner = span.in_scope(|| self.inner.call(uri));
-        ConnectFuture::new(inner, self.layer.timeout, address, span)
+        ConnectFuture::new(inner, self.config.timeout, address, span)
     }
 }
 

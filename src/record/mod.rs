@@ -37,19 +37,19 @@
 //! Each layer holds its inner future in a `Guarded` (`guard.rs`), which is the protocol
 //! around the inner future, written once:
 //!
-//! 1. `call`: [`Recorder::start`] joins or opens the exchange; the recording layer calls the
-//!    inner service inside [`Share::calling`] (its span entered).
+//! 1. `call`: `Recorder::start` joins or opens the exchange; the recording layer calls the
+//!    inner service inside `Share::calling` (its span entered).
 //! 2. `poll`: the inner future is polled in the *Polling* extent (`extent.rs`).
 //! 3. `abandon`: a layer that gives up on its inner future (its limit fired) drops it in the
 //!    *Abandoned* extent, then answers with a generated response.
 //! 4. `respond`: what the layer returns passes through it; the recording layer records it, or,
 //!    when a layer on the request watches for clients that leave, hands the exchange to the
-//!    body's [`Tail`](tail::Tail), which records at the end of the body.
+//!    body's `Tail`, which records at the end of the body.
 //! 5. `drop` with the inner future still there: the drop's extent says why. Outside all of the
 //!    crate's layers (the server dropped the request) it is *ServerDropped*: a client that left,
 //!    for every layer inside; while a crate layer polls or abandons, *Abandoned*. The inner
 //!    future is dropped in that extent, then the recording layer records the drop
-//!    ([`Stage::dropped`](stage::Stage::dropped)).
+//!    (`Stage::dropped`).
 //!
 //! A `ClientDisconnect` fires its [`ClientGone`](crate::ClientGone) only when its future or its
 //! body is dropped early in the *ServerDropped* extent. A timeout of the crate, inside or

@@ -29,13 +29,13 @@ pub struct ResponseTimeoutLayer {
 
 impl ResponseTimeoutLayer {
     /// A limit of `timeout` on each response, answered with 504 Gateway Timeout.
-    pub fn new(timeout: Duration) -> Self {
+    pub const fn new(timeout: Duration) -> Self {
         ResponseTimeoutLayer {
             config: Config {
                 timeout,
                 status: StatusCode::GATEWAY_TIMEOUT,
-                responses: ResponseConfig::default(),
-                recorder: Recorder::default(),
+                responses: ResponseConfig::new(),
+                recorder: Recorder::new(),
             },
         }
     }
@@ -48,19 +48,15 @@ impl ResponseTimeoutLayer {
 
     crate::response::response_methods!();
     crate::record::recorder_methods!(config.recorder);
-
-    pub(super) fn layer_service<S>(&self, inner: S) -> ResponseTimeout<S> {
-        ResponseTimeout {
-            inner,
-            config: Arc::new(self.config.clone()),
-        }
-    }
 }
 
 impl<S> Layer<S> for ResponseTimeoutLayer {
     type Service = ResponseTimeout<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        self.layer_service(inner)
+        ResponseTimeout {
+            inner,
+            config: Arc::new(self.config.clone()),
+        }
     }
 }

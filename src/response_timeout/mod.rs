@@ -64,6 +64,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
+use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::deadline::Deadline;
@@ -92,7 +93,7 @@ pub struct ResponseTimeout<S> {
 impl<S> ResponseTimeout<S> {
     /// Wraps `inner` with a limit of `timeout` and the default settings.
     pub fn new(inner: S, timeout: Duration) -> Self {
-        ResponseTimeoutLayer::new(timeout).layer_service(inner)
+        ResponseTimeoutLayer::new(timeout).layer(inner)
     }
 
     /// The inner service.

@@ -104,8 +104,20 @@ pub struct UpstreamFailureLayer {
 
 impl UpstreamFailureLayer {
     /// The default statuses: 599 for a connect timeout, 502 for everything else.
-    pub fn new() -> Self {
-        UpstreamFailureLayer::default()
+    pub const fn new() -> Self {
+        UpstreamFailureLayer {
+            config: Config {
+                statuses: Statuses {
+                    rfc9209: false,
+                    connect_timeout: None,
+                    connect_failed: None,
+                    upstream_failed: None,
+                },
+                details: false,
+                responses: ResponseConfig::new(),
+                recorder: Recorder::new(),
+            },
+        }
     }
 
     /// The statuses RFC 9209 recommends for each error type: 504 for a connect timeout, 503
