@@ -275,6 +275,8 @@ def markdown(results: Results, with_spread: bool) -> str:
         for d, b in groups:
             found = results.ratio(numerator, d, b)
             cells.append(ratio_cell(found, results.rounds) + target_mark(found, target))
+        if all(cell == "\u2014" for cell in cells):
+            continue
         target_text = "\u2014" if target is None else f"\u2264 {target:.1f}"
         out.append(f"| {name} | {target_text} | " + " | ".join(cells) + " |")
 
