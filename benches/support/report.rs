@@ -1,17 +1,27 @@
 //! What the plain-`main` benches that write results share (`benches/e2e.rs`,
-//! `benches/scale.rs`): the loose filter, percentiles and medians, and a small JSON writer for
-//! `<target dir>/tower-timeouts-bench/<name>.json`.
+//! `benches/scale.rs`, `benches/overhead.rs`): the command line's filters, percentiles and
+//! medians, and a small JSON writer for `<target dir>/tower-timeouts-bench/<name>.json`.
 
 use std::fmt::{self, Write as _};
 use std::path::PathBuf;
 
 /// Whether the bench `name` should run, given the command line `cargo bench` passes on.
 ///
-/// Flags (`--bench`, criterion's `--save-baseline x`, …) are ignored, and so is the value
-/// after the criterion flags that take one. Any other argument is a filter: the bench runs
-/// when there is none, or when one of them is part of `name` or has `name` in it (so
-/// `cargo bench -- foo` skips it, and `cargo bench -- e2e` or `-- scale/` runs it).
+/// The bench runs when there is no [`filters`] argument, or when one of them is part of `name`
+/// or has `name` in it (so `cargo bench -- foo` skips it, and `cargo bench -- e2e` or
+/// `-- scale/` runs it).
 pub fn selected(name: &str) -> bool {
+    let filters = filters();
+    filters.is_empty()
+        || filters
+            .iter()
+            .any(|filter| name.contains(filter.as_str()) || filter.contains(name))
+}
+
+/// The filter arguments on the command line `cargo bench` passes on: every argument but the
+/// flags (`--bench`, criterion's `--save-baseline x`, …) and the value after the criterion flags
+/// that take one.
+pub fn filters() -> Vec<String> {
     const TAKES_VALUE: &[&str] = &[
         "--save-baseline",
         "--baseline",
@@ -42,10 +52,7 @@ pub fn selected(name: &str) -> bool {
         }
         filters.push(arg);
     }
-    filters.is_empty()
-        || filters
-            .iter()
-            .any(|filter| name.contains(filter.as_str()) || filter.contains(name))
+    filters
 }
 
 /// `<target dir>/tower-timeouts-bench/<file>`: the target dir is `$CARGO_TARGET_DIR` when it
