@@ -9,8 +9,10 @@
 //! as one. `cargo bench --bench instructions` alone runs every row once and prints ns per
 //! request (a smoke run); `instructions ROW ready|pending N` runs one.
 //!
-//! Rows: `bare`, `tower_timeout`, `tower_http_pair` (on-early-drop around `TimeoutLayer`),
-//! `ours_response_timeout`, `ours_client_disconnect`, `ours_full_stack`; no subscriber.
+//! Rows: `bare`, `tower_timeout`, `tower_http_on_early_drop`, `tower_http_pair` (on-early-drop
+//! around `TimeoutLayer`), `ours_response_timeout`, `ours_client_disconnect`, `ours_full_stack`;
+//! no subscriber. On-early-drop is configured as in `benches/overhead.rs`: no-op closures in both
+//! slots, the cheapest way to still be told of both early drops.
 
 // Wall-clock timing of the smoke run, not the runtime's clock.
 #![allow(clippy::disallowed_types)]
@@ -19,17 +21,18 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use http::response::Parts;
 use http::{Request, Response, StatusCode};
 use support::{serve_one, Inner, ReqBody};
 use tower::{Service, ServiceBuilder};
-use tower_http::on_early_drop::{EarlyDropsAsFailures, OnEarlyDropLayer};
-use tower_http::trace::DefaultOnFailure;
+use tower_http::on_early_drop::{OnBodyDropFn, OnEarlyDropLayer};
 use tower_timeouts::{ClientDisconnectLayer, ResponseTimeoutLayer};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
-const ROWS: [&str; 6] = [
+const ROWS: [&str; 7] = [
     "bare",
     "tower_timeout",
+    "tower_http_on_early_drop",
     "tower_http_pair",
     "ours_response_timeout",
     "ours_client_disconnect",
@@ -47,6 +50,22 @@ where
     }
 }
 
+/// The cheapest configuration of tower-http's on-early-drop that still reports both early drops.
+fn on_early_drop() -> OnEarlyDropLayer<
+    impl Fn(&Request<ReqBody>) -> fn() + Clone,
+    OnBodyDropFn<impl Fn(&Request<ReqBody>) -> fn(&Parts) -> fn() + Clone>,
+> {
+    fn nothing() {}
+    fn on_body(_: &Parts) -> fn() {
+        nothing
+    }
+    OnEarlyDropLayer::builder()
+        .on_future_drop(|_: &Request<ReqBody>| nothing as fn())
+        .on_body_drop(OnBodyDropFn::new(|_: &Request<ReqBody>| {
+            on_body as fn(&Parts) -> fn()
+        }))
+}
+
 /// Runs `n` requests through `row`; returns the wall time per request, in ns.
 fn run(row: &str, pending_once: bool, n: u64) -> f64 {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -61,11 +80,16 @@ fn run(row: &str, pending_once: bool, n: u64) -> f64 {
             "tower_timeout" => {
                 serve(ServiceBuilder::new().timeout(TIMEOUT).service(inner), n).await
             }
+            "tower_http_on_early_drop" => {
+                serve(
+                    ServiceBuilder::new().layer(on_early_drop()).service(inner),
+                    n,
+                )
+                .await
+            }
             "tower_http_pair" => {
                 let service = ServiceBuilder::new()
-                    .layer(OnEarlyDropLayer::new(EarlyDropsAsFailures::new(
-                        DefaultOnFailure::new(),
-                    )))
+                    .layer(on_early_drop())
                     .layer(tower_http::timeout::TimeoutLayer::with_status_code(
                         StatusCode::GATEWAY_TIMEOUT,
                         TIMEOUT,

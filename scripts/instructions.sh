@@ -21,7 +21,7 @@ ir() {
 echo "| row | ready: Ir/request | over bare | pending once: Ir/request | over bare |"
 echo "|---|---:|---:|---:|---:|"
 declare -A base
-for row in bare tower_timeout tower_http_pair ours_response_timeout ours_client_disconnect ours_full_stack; do
+for row in bare tower_timeout tower_http_on_early_drop tower_http_pair ours_response_timeout ours_client_disconnect ours_full_stack; do
     line="| $row"
     for path in ready pending; do
         a=$(ir "$row" "$path" "$n")

@@ -73,11 +73,23 @@ impl fmt::Debug for ClientGone {
     }
 }
 
+/// Whether a [`ClientDisconnect`](crate::ClientDisconnect) is calling or polling the inner
+/// service on this thread, and whether its request's signal was made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Current {
+    None,
+    /// A layer is in, and nobody asked for its signal yet.
+    Unmade,
+    /// A layer is in, and its signal is in [`MADE`].
+    Made,
+}
+
 thread_local! {
-    /// The signal of the request whose [`ClientDisconnect`](crate::ClientDisconnect) is calling
-    /// or polling the inner service on this thread: `None` when none is, `Some(None)` while
-    /// nobody asked for it yet.
-    static CURRENT: Cell<Option<Option<ClientGone>>> = const { Cell::new(None) };
+    // Two thread-locals, so that the common case (nobody asks for the signal) touches only the
+    // one that needs no destructor, which is the cheaper one to reach.
+    static CURRENT: Cell<Current> = const { Cell::new(Current::None) };
+    /// The signal of the layer that is in, once made.
+    static MADE: Cell<Option<ClientGone>> = const { Cell::new(None) };
 }
 
 impl ClientGone {
@@ -108,15 +120,27 @@ impl ClientGone {
     /// # let _ = handler;
     /// ```
     pub fn current() -> Option<ClientGone> {
-        CURRENT
-            .try_with(|current| {
-                let mut slot = current.take()?;
-                let gone = slot.get_or_insert_with(ClientGone::new).clone();
-                current.set(Some(slot));
-                Some(gone)
+        let current = CURRENT.try_with(Cell::get).ok()?;
+        let made = MADE
+            .try_with(|made| match current {
+                Current::None => None,
+                Current::Unmade => {
+                    let gone = ClientGone::new();
+                    made.set(Some(gone.clone()));
+                    Some(gone)
+                }
+                Current::Made => {
+                    let gone = made.take();
+                    made.set(gone.clone());
+                    gone
+                }
             })
             .ok()
-            .flatten()
+            .flatten();
+        if made.is_some() {
+            CURRENT.set(Current::Made);
+        }
+        made
     }
 
     /// Makes `gone` the [`current`](ClientGone::current) signal for a call or a poll of the
@@ -124,9 +148,19 @@ impl ClientGone {
     /// a closure, so that what the call returns is not moved once more.
     #[inline(always)]
     pub(crate) fn enter(gone: Option<ClientGone>) -> Scope {
-        Scope {
-            outer: CURRENT.replace(Some(gone)),
-        }
+        let inner = if gone.is_some() {
+            Current::Made
+        } else {
+            Current::Unmade
+        };
+        let outer = CURRENT.replace(inner);
+        // The signal slot is touched only when there is a signal to put in or to keep aside.
+        let outer_made = if inner == Current::Made || outer == Current::Made {
+            MADE.replace(gone)
+        } else {
+            None
+        };
+        Scope { outer, outer_made }
     }
 
     /// Whether the client has left.
@@ -154,7 +188,9 @@ impl ClientGone {
 /// The time a [`ClientGone`] is the current one (see [`ClientGone::enter`]). Dropped without
 /// [`leave`](Scope::leave) (by a panic), it restores the signal it replaced.
 pub(crate) struct Scope {
-    outer: Option<Option<ClientGone>>,
+    outer: Current,
+    /// The signal of the layer this one is inside, kept aside meanwhile.
+    outer_made: Option<ClientGone>,
 }
 
 impl Scope {
@@ -162,15 +198,25 @@ impl Scope {
     /// there was none.
     #[inline(always)]
     pub(crate) fn leave(mut self) -> Option<ClientGone> {
-        let outer = self.outer.take();
+        let outer = self.outer;
+        let outer_made = self.outer_made.take();
+        // Nothing left for `drop` to restore.
         std::mem::forget(self);
-        CURRENT.replace(outer).flatten()
+        let inner = CURRENT.replace(outer);
+        if inner == Current::Made || outer == Current::Made {
+            MADE.replace(outer_made)
+        } else {
+            None
+        }
     }
 }
 
 impl Drop for Scope {
     fn drop(&mut self) {
-        CURRENT.set(self.outer.take());
+        let inner = CURRENT.replace(self.outer);
+        if inner == Current::Made || self.outer == Current::Made {
+            MADE.set(self.outer_made.take());
+        }
     }
 }
 

@@ -42,7 +42,7 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
 }
 
 impl<F> ResponseFuture<F> {
-    #[inline]
+    #[inline(always)]
     pub(super) fn new(inner: Guarded<F>, gone: Option<ClientGone>, is_head: bool) -> Self {
         ResponseFuture {
             inner,
@@ -68,9 +68,8 @@ where
         let Poll::Ready(result) = polled else {
             return Poll::Pending;
         };
-        let mut result = result.map(|response| response.map(DisconnectBody::new));
+        let result = result.map(|response| response.map(DisconnectBody::new));
         let gone = this.gone.take().map(|gone| (gone, *this.is_head));
-        this.inner.respond(&mut result, gone);
-        Poll::Ready(result)
+        Poll::Ready(this.inner.respond(result, gone))
     }
 }

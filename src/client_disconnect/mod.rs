@@ -85,7 +85,7 @@ use http::{Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::record::{Guarded, Joining, Recorder, Role};
+use crate::record::{Joining, Recorder, Role};
 use crate::signal::ClientGone;
 
 /// Configuration shared by a layer's services.
@@ -142,28 +142,32 @@ where
 
     #[inline]
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        let is_head = request.method() == http::Method::HEAD;
         // An outer layer's signal, or one the caller put there; else made on first use.
         let mut gone = request.extensions().get::<ClientGone>().cloned();
         if self.config.signal_in_extensions && gone.is_none() {
-            let signal = ClientGone::new();
-            request.extensions_mut().insert(signal.clone());
-            gone = Some(signal);
+            gone = Some(signal_in(&mut request));
         }
-        let is_head = request.method() == http::Method::HEAD;
         let joining = Joining {
             role: Role::Server,
             limit: None,
             watches_disconnects: true,
         };
-        let share = self.config.recorder.start(&mut request, joining);
         let scope = ClientGone::enter(gone);
-        let inner = {
-            let _calling = share.calling();
-            self.inner.call(request)
-        };
-        let gone = scope.leave();
-        ResponseFuture::new(Guarded::new(inner, share), gone, is_head)
+        let inner = self
+            .config
+            .recorder
+            .call(request, joining, |request| self.inner.call(request));
+        ResponseFuture::new(inner, scope.leave(), is_head)
     }
+}
+
+/// Puts a new signal into `request`'s extensions.
+#[inline(never)]
+fn signal_in<B>(request: &mut Request<B>) -> ClientGone {
+    let signal = ClientGone::new();
+    request.extensions_mut().insert(signal.clone());
+    signal
 }
 
 #[cfg(test)]

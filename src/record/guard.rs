@@ -8,9 +8,9 @@ use std::task::{Context, Poll};
 
 use http::Response;
 use pin_project_lite::pin_project;
-use tracing::span::Entered;
+use tracing::span::{Entered, EnteredSpan};
 
-use super::exchange::{Exchange, Joining};
+use super::exchange::{self, Exchange, Joining};
 use super::extent::{self, Extent};
 use super::tail::Tail;
 use super::Recorder;
@@ -41,28 +41,56 @@ impl Drop for Share {
 }
 
 impl Recorder {
-    /// A layer got `request`: it joins the request's exchange, or opens one. Call the inner
-    /// service inside [`Share::calling`].
+    /// Calls the inner service with `call` for a layer that got `request`: first the layer
+    /// joins the request's exchange, or opens one, when something can see a recording at all;
+    /// the inner service is then called inside [`Share::calling`].
+    ///
+    /// The path where nothing can see a recording is apart and takes no reference to the
+    /// request, so that the request is handed on, and the inner future written, without a
+    /// copy.
+    #[inline(always)]
+    pub(crate) fn call<B, F>(
+        &self,
+        request: http::Request<B>,
+        joining: Joining,
+        call: impl FnOnce(http::Request<B>) -> F,
+    ) -> Guarded<F> {
+        if exchange::nothing_can_see() {
+            return Guarded::new(call(request), Share(None));
+        }
+        self.call_recorded(request, joining, call)
+    }
+
+    /// [`Recorder::call`] when something can see a recording.
     #[inline]
-    pub(crate) fn start<B>(&self, request: &mut http::Request<B>, joining: Joining) -> Share {
-        Share(Exchange::start(self, request, joining))
+    pub(crate) fn call_recorded<B, F>(
+        &self,
+        mut request: http::Request<B>,
+        joining: Joining,
+        call: impl FnOnce(http::Request<B>) -> F,
+    ) -> Guarded<F> {
+        let share = Share(Exchange::start(self, &mut request, joining));
+        let _calling = share.calling();
+        Guarded::new(call(request), share)
     }
 }
 
 /// While a layer that records calls its inner service: the request's span is entered, and a
-/// request that the inner service makes meanwhile is an upstream call.
-pub(crate) struct Calling<'a> {
-    _entered: Entered<'a>,
+/// request that the inner service makes meanwhile is an upstream call. It owns what it entered,
+/// so that the call site holds no borrow of the share across the call, and can move the share
+/// into the future it builds around the call's.
+pub(crate) struct Calling {
+    _entered: EnteredSpan,
     _extent: extent::Guard,
 }
 
 impl Share {
     /// Enters the call of the inner service (see [`Calling`]); nothing for a layer that does
     /// not record.
-    #[inline]
-    pub(crate) fn calling(&self) -> Option<Calling<'_>> {
+    #[inline(always)]
+    pub(crate) fn calling(&self) -> Option<Calling> {
         self.0.as_deref().map(|exchange| Calling {
-            _entered: exchange.span().enter(),
+            _entered: exchange.span().clone().entered(),
             _extent: extent::enter(Extent::Calling),
         })
     }
@@ -97,18 +125,16 @@ pin_project! {
     ///   that the drop that follows knows;
     /// - [`abandon`](Guarded::abandon) drops the inner future on the layer's own decision, in
     ///   the `Abandoned` extent, so that no layer inside takes it for a client leaving;
-    /// - dropped with the inner future still there, it drops it in the extent its own drop
-    ///   says (the server dropped the request, or a layer gave up on it), then the recording
-    ///   layer records that;
     /// - [`respond`](Guarded::respond) records what the layer returns, or hands the exchange
-    ///   to the body.
+    ///   to the body;
+    /// - dropped with the inner future still running, it drops it in the extent its own drop
+    ///   says (the server dropped the request, or a layer gave up on it), then the recording
+    ///   layer records that.
     pub(crate) struct Guarded<F> {
         #[pin]
         state: State<F>,
         share: Share,
-        // Set while the inner future is polled: still set when the guard is dropped, that
-        // poll panicked.
-        polling: bool,
+        step: Step,
     }
 
     impl<F> PinnedDrop for Guarded<F> {
@@ -117,14 +143,15 @@ pin_project! {
             if let StateProj::Done = this.state.as_mut().project() {
                 return;
             }
-            let reason = extent::drop_reason(*this.polling);
+            let panicked = *this.step == Step::Polling;
+            let reason = extent::drop_reason(panicked);
             {
                 let _entered = this.share.entered();
                 let _extent = extent::enter(reason);
                 this.state.set(State::Done);
             }
             if let Some(exchange) = &this.share.0 {
-                if *this.polling {
+                if panicked {
                     let panicked = Outcome::panicked(Phase::BeforeHead, None);
                     exchange.step(|stage| stage.end(panicked));
                 } else {
@@ -143,12 +170,23 @@ pin_project! {
     }
 }
 
+/// Where the inner future is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// Between polls.
+    Waiting,
+    /// Being polled: still so when the guard is dropped, that poll panicked.
+    Polling,
+    /// It returned its output, and the layer responded.
+    Finished,
+}
+
 impl<F> std::fmt::Debug for Guarded<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Guarded")
-            .field("running", &matches!(self.state, State::Running { .. }))
+            .field("step", &self.step)
             .field("share", &self.share)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -158,21 +196,16 @@ impl<F> Guarded<F> {
         Guarded {
             state: State::Running { inner },
             share,
-            polling: false,
+            step: Step::Waiting,
         }
-    }
-
-    /// Whether the inner future is still there.
-    #[inline]
-    pub(crate) fn is_running(&self) -> bool {
-        matches!(self.state, State::Running { .. })
     }
 
     /// Whether, dropped now, this hold would drop its inner future because the server dropped
     /// the request (the client left); see [`extent::drop_reason`].
     #[inline]
     pub(crate) fn is_dropped_by_server(&self) -> bool {
-        self.is_running() && extent::drop_reason(self.polling) == Extent::ServerDropped
+        matches!(self.state, State::Running { .. })
+            && extent::drop_reason(self.step == Step::Polling) == Extent::ServerDropped
     }
 
     /// Drops the inner future on this layer's own decision (its limit fired): no layer inside
@@ -189,64 +222,102 @@ impl<F> Guarded<F> {
     /// that leave, the outcome waits for the end of the body (unless the response is a
     /// generated one), which `gone` (the layer's own signal, with whether the request is a
     /// HEAD) also follows.
+    #[inline(always)]
     pub(crate) fn respond<B: Followed, E>(
         self: Pin<&mut Self>,
-        result: &mut Result<Response<B>, E>,
+        mut result: Result<Response<B>, E>,
         gone: Option<(ClientGone, bool)>,
-    ) {
-        let owner = self.project().share.0.take();
-        let response = match result {
-            Ok(response) => response,
-            Err(_) => {
-                if let Some(exchange) = owner {
-                    exchange.step(|stage| stage.end(Outcome::failed(Phase::BeforeHead, None)));
-                }
-                return;
-            }
-        };
-        // A generated response is its outcome: its body is not followed, and a client that
-        // leaves while it goes out does not change that.
-        let generated = response.extensions().get::<Generated>().is_some();
-        let owner = owner.filter(|exchange| exchange.head(head_outcome(response), !generated));
-        let gone = gone.filter(|_| !generated);
-        let is_head = match (&owner, &gone) {
-            (Some(exchange), _) => exchange.is_head_request(),
-            (None, Some((_, is_head))) => *is_head,
-            (None, None) => return,
-        };
-        if let Some(tail) = Tail::new(
-            owner,
-            gone.map(|(gone, _)| gone),
-            response.status(),
-            response.headers(),
-            response.body(),
-            is_head,
-        ) {
-            response.body_mut().follow(tail);
+    ) -> Result<Response<B>, E> {
+        let mut this = self.project();
+        *this.step = Step::Finished;
+        {
+            // Whatever the finished future still holds (a future a layer between gave up on) is
+            // not the server's to drop.
+            let _extent = extent::enter(Extent::Abandoned);
+            this.state.set(State::Done);
         }
+        let owner = this.share.0.take();
+        if owner.is_some() || gone.is_some() {
+            record(owner, &mut result, gone);
+        }
+        result
+    }
+}
+
+/// [`Guarded::respond`], for a layer that records or has a signal to follow the body with.
+#[inline(never)]
+fn record<B: Followed, E>(
+    owner: Option<Arc<Exchange>>,
+    result: &mut Result<Response<B>, E>,
+    gone: Option<(ClientGone, bool)>,
+) {
+    let response = match result {
+        Ok(response) => response,
+        Err(_) => {
+            if let Some(exchange) = owner {
+                exchange.step(|stage| stage.end(Outcome::failed(Phase::BeforeHead, None)));
+            }
+            return;
+        }
+    };
+    // A generated response is its outcome: its body is not followed, and a client that
+    // leaves while it goes out does not change that.
+    let generated = response.extensions().get::<Generated>().is_some();
+    let owner = owner.filter(|exchange| exchange.head(head_outcome(response), !generated));
+    let gone = gone.filter(|_| !generated);
+    let is_head = match (&owner, &gone) {
+        (Some(exchange), _) => exchange.is_head_request(),
+        (None, Some((_, is_head))) => *is_head,
+        (None, None) => return,
+    };
+    if let Some(tail) = Tail::new(
+        owner,
+        gone.map(|(gone, _)| gone),
+        response.status(),
+        response.headers(),
+        response.body(),
+        is_head,
+    ) {
+        response.body_mut().follow(tail);
     }
 }
 
 impl<F: Future> Guarded<F> {
-    /// Polls the inner future. Once it is ready, it is dropped.
+    /// Polls the inner future. The caller hands what it returns to [`respond`](Self::respond).
     ///
     /// Panics if polled after the inner future finished or was abandoned.
     #[inline(always)]
     pub(crate) fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let mut this = self.project();
-        let StateProj::Running { inner } = this.state.as_mut().project() else {
+        let this = self.project();
+        let (StateProj::Running { inner }, Step::Waiting) = (this.state.project(), *this.step)
+        else {
             panic!("a tower-timeouts response future was polled after it completed");
         };
         let _entered = this.share.entered();
         let _extent = extent::enter(Extent::Polling);
-        *this.polling = true;
-        let polled = inner.poll(cx);
-        *this.polling = false;
-        if polled.is_ready() {
-            // Still in the poll's extent: whatever the finished future holds (a future a layer
-            // between gave up on) is dropped as given up, not as the server's.
-            this.state.set(State::Done);
+        let _polling = Polling::enter(this.step);
+        // The tail, so that the output is written where the caller wants it.
+        inner.poll(cx)
+    }
+}
+
+/// Marks the inner future as being polled, until dropped: then it is waiting again, or, when
+/// the drop is the unwinding of a panic in the poll, left marked (the guard's drop knows).
+struct Polling<'a>(&'a mut Step);
+
+impl<'a> Polling<'a> {
+    #[inline(always)]
+    fn enter(step: &'a mut Step) -> Self {
+        *step = Step::Polling;
+        Polling(step)
+    }
+}
+
+impl Drop for Polling<'_> {
+    #[inline(always)]
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            *self.0 = Step::Waiting;
         }
-        polled
     }
 }

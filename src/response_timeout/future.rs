@@ -76,15 +76,13 @@ where
         // The inner future first: a response that is ready wins a tie with the timer, and a
         // response ready at its first poll never touches the clock.
         if let Poll::Ready(result) = this.inner.as_mut().poll(cx) {
-            let mut result = result.map(|response| response.map(ResponseBody::new));
-            this.inner.respond(&mut result, None);
-            return Poll::Ready(result);
+            let result = result.map(|response| response.map(ResponseBody::new));
+            return Poll::Ready(this.inner.respond(result, None));
         }
         ready!(this.timer.poll_expired(cx));
         this.inner.as_mut().abandon();
         let outcome = Outcome::response_timeout(*this.timeout, *this.status);
-        let mut response = Ok(this.responses.generate(outcome));
-        this.inner.respond(&mut response, None);
-        Poll::Ready(response)
+        let response = this.responses.generate(outcome);
+        Poll::Ready(this.inner.respond(Ok(response), None))
     }
 }

@@ -68,7 +68,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::deadline::Deadline;
-use crate::record::{Guarded, Joining, Recorder, Role};
+use crate::record::{Joining, Recorder, Role};
 use crate::response::{ResponseBody, ResponseConfig};
 use crate::timer::Timer;
 
@@ -127,7 +127,7 @@ where
     }
 
     #[inline]
-    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let (timeout, timer) = match request.extensions().get::<Deadline>() {
             Some(deadline) => deadline.timer(),
             None => (self.config.timeout, Timer::after(self.config.timeout)),
@@ -137,13 +137,12 @@ where
             limit: Some(timeout),
             watches_disconnects: false,
         };
-        let share = self.config.recorder.start(&mut request, joining);
-        let inner = {
-            let _calling = share.calling();
-            self.inner.call(request)
-        };
+        let inner = self
+            .config
+            .recorder
+            .call(request, joining, |request| self.inner.call(request));
         ResponseFuture::new(
-            Guarded::new(inner, share),
+            inner,
             timer,
             timeout,
             self.config.status,

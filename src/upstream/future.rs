@@ -73,7 +73,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let mut response = match ready!(this.inner.as_mut().poll(cx)) {
+        let response = match ready!(this.inner.as_mut().poll(cx)) {
             Ok(response) => Ok(response.map(ResponseBody::new)),
             Err(error) => {
                 let outcome = classify(&*error, &this.config.statuses);
@@ -84,8 +84,7 @@ where
                     .generate_with_details(outcome, details.as_deref()))
             }
         };
-        this.inner.respond(&mut response, None);
-        Poll::Ready(response)
+        Poll::Ready(this.inner.respond(response, None))
     }
 }
 

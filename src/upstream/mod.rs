@@ -64,7 +64,7 @@ use http::{Request, Response, StatusCode};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::record::{Guarded, Joining, Recorder, Role};
+use crate::record::{Joining, Recorder, Role};
 use crate::response::{ResponseBody, ResponseConfig};
 
 type BoxError = Box<dyn Error + Send + Sync>;
@@ -225,23 +225,23 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let joining = Joining {
             role: Role::Client,
             limit: None,
             watches_disconnects: false,
         };
-        let share = self.config.recorder.start(&mut request, joining);
         // An error of `poll_ready` is answered at the first poll.
-        let call = match self.not_ready.take() {
-            Some(error) => Call::NotReady { error: Some(error) },
-            None => {
-                let _calling = share.calling();
-                Call::Called {
+        let not_ready = self.not_ready.take();
+        let inner = self
+            .config
+            .recorder
+            .call(request, joining, |request| match not_ready {
+                Some(error) => Call::NotReady { error: Some(error) },
+                None => Call::Called {
                     future: self.inner.call(request),
-                }
-            }
-        };
-        UpstreamFuture::new(Guarded::new(call, share), self.config.clone())
+                },
+            });
+        UpstreamFuture::new(inner, self.config.clone())
     }
 }
