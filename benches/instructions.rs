@@ -51,19 +51,12 @@ where
 }
 
 /// The cheapest configuration of tower-http's on-early-drop that still reports both early drops.
-fn on_early_drop() -> OnEarlyDropLayer<
-    impl Fn(&Request<ReqBody>) -> fn() + Clone,
-    OnBodyDropFn<impl Fn(&Request<ReqBody>) -> fn(&Parts) -> fn() + Clone>,
-> {
-    fn nothing() {}
-    fn on_body(_: &Parts) -> fn() {
-        nothing
-    }
-    OnEarlyDropLayer::builder()
-        .on_future_drop(|_: &Request<ReqBody>| nothing as fn())
-        .on_body_drop(OnBodyDropFn::new(|_: &Request<ReqBody>| {
-            on_body as fn(&Parts) -> fn()
-        }))
+macro_rules! on_early_drop {
+    () => {
+        OnEarlyDropLayer::builder()
+            .on_future_drop(|_: &Request<ReqBody>| || {})
+            .on_body_drop(OnBodyDropFn::new(|_: &Request<ReqBody>| |_: &Parts| || {}))
+    };
 }
 
 /// Runs `n` requests through `row`; returns the wall time per request, in ns.
@@ -82,14 +75,14 @@ fn run(row: &str, pending_once: bool, n: u64) -> f64 {
             }
             "tower_http_on_early_drop" => {
                 serve(
-                    ServiceBuilder::new().layer(on_early_drop()).service(inner),
+                    ServiceBuilder::new().layer(on_early_drop!()).service(inner),
                     n,
                 )
                 .await
             }
             "tower_http_pair" => {
                 let service = ServiceBuilder::new()
-                    .layer(on_early_drop())
+                    .layer(on_early_drop!())
                     .layer(tower_http::timeout::TimeoutLayer::with_status_code(
                         StatusCode::GATEWAY_TIMEOUT,
                         TIMEOUT,
