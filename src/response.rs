@@ -89,17 +89,17 @@ impl Generated {
 
 /// The builder methods of every layer that generates responses.
 macro_rules! response_methods {
-    () => {
+    ($($responses:ident).+) => {
         /// Names the proxy in `Proxy-Status` (default `tower-timeouts`). A name that is not an
         /// RFC 8941 token is sent as a quoted string.
         pub fn proxy_name(mut self, name: &str) -> Self {
-            self.config.responses = self.config.responses.proxy_name(Some(name));
+            self.$($responses).+ = self.$($responses).+.proxy_name(Some(name));
             self
         }
 
         /// Sends no `Proxy-Status` header.
         pub fn without_proxy_status(mut self) -> Self {
-            self.config.responses = self.config.responses.proxy_name(None);
+            self.$($responses).+ = self.$($responses).+.proxy_name(None);
             self
         }
 
@@ -111,7 +111,7 @@ macro_rules! response_methods {
         where
             F: Fn(&$crate::Outcome) -> http::Response<bytes::Bytes> + Send + Sync + 'static,
         {
-            self.config.responses = self.config.responses.response_with(make);
+            self.$($responses).+ = self.$($responses).+.response_with(make);
             self
         }
     };
@@ -318,7 +318,8 @@ pin_project! {
         #[pin]
         kind: Kind<B>,
         // Follows the body to its end, when this layer records the request and a layer on it
-        // watches for clients that leave.
+        // watches for clients that leave. Boxed, so that the body, which the server moves
+        // around, stays small when nothing follows it.
         tail: Option<Box<Tail>>,
     }
 }

@@ -13,7 +13,9 @@ pin_project! {
     pub struct DisconnectBody<B> {
         #[pin]
         inner: B,
-        tail: Option<Tail>,
+        // Boxed, so that the body, which the server moves around, stays the size of the inner
+        // one and a pointer when nothing follows it.
+        tail: Option<Box<Tail>>,
     }
 }
 
@@ -39,7 +41,7 @@ impl<B> DisconnectBody<B> {
 
 impl<B: Body> Followed for DisconnectBody<B> {
     fn follow(&mut self, tail: Tail) {
-        self.tail = Some(tail);
+        self.tail = Some(Box::new(tail));
     }
 }
 

@@ -6,7 +6,7 @@ use http::Response;
 use pin_project_lite::pin_project;
 
 use super::body::DisconnectBody;
-use crate::record::Guarded;
+use crate::record::{Guarded, Share};
 use crate::signal::ClientGone;
 
 pin_project! {
@@ -43,9 +43,9 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
 
 impl<F> ResponseFuture<F> {
     #[inline(always)]
-    pub(super) fn new(inner: Guarded<F>, gone: Option<ClientGone>, is_head: bool) -> Self {
+    pub(super) fn new(inner: F, share: Share, gone: Option<ClientGone>, is_head: bool) -> Self {
         ResponseFuture {
-            inner,
+            inner: Guarded::new(inner, share),
             gone,
             is_head,
         }
@@ -65,11 +65,17 @@ where
         let scope = ClientGone::enter(this.gone.take());
         let polled = this.inner.as_mut().poll(cx);
         *this.gone = scope.leave();
-        let Poll::Ready(result) = polled else {
+        if polled.is_pending() {
             return Poll::Pending;
-        };
-        let result = result.map(|response| response.map(DisconnectBody::new));
+        }
+        let finished = this.inner.finish();
+        // The response is mapped where it is (no binding to move it into), and in each branch,
+        // so that it is written straight where it goes.
+        let wrap = |result: Result<Response<B>, E>| result.map(|r| r.map(DisconnectBody::new));
+        if finished.is_nothing(this.gone.as_ref()) {
+            return polled.map(wrap);
+        }
         let gone = this.gone.take().map(|gone| (gone, *this.is_head));
-        Poll::Ready(this.inner.respond(result, gone))
+        polled.map(|result| finished.respond(wrap(result), gone))
     }
 }

@@ -1,5 +1,3 @@
-use std::sync::Arc;
-
 use tower_layer::Layer;
 
 use super::{ClientDisconnect, Config};
@@ -55,7 +53,7 @@ impl<S> Layer<S> for ClientDisconnectLayer {
     fn layer(&self, inner: S) -> Self::Service {
         ClientDisconnect {
             inner,
-            config: Arc::new(self.config.clone()),
+            config: self.config.clone(),
         }
     }
 }

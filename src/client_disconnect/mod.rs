@@ -78,14 +78,13 @@ pub use self::body::DisconnectBody;
 pub use self::future::ResponseFuture;
 pub use self::layer::ClientDisconnectLayer;
 
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::record::{Joining, Recorder, Role};
+use crate::record::{nothing_can_see, Joining, Recorder, Role, Share};
 use crate::signal::ClientGone;
 
 /// Configuration shared by a layer's services.
@@ -102,7 +101,7 @@ struct Config {
 #[derive(Clone, Debug)]
 pub struct ClientDisconnect<S> {
     inner: S,
-    config: Arc<Config>,
+    config: Config,
 }
 
 impl<S> ClientDisconnect<S> {
@@ -141,33 +140,51 @@ where
     }
 
     #[inline]
-    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        if !nothing_can_see() || self.config.signal_in_extensions {
+            return self.call_recorded(request);
+        }
         let is_head = request.method() == http::Method::HEAD;
         // An outer layer's signal, or one the caller put there; else made on first use.
-        let mut gone = request.extensions().get::<ClientGone>().cloned();
-        if self.config.signal_in_extensions && gone.is_none() {
-            gone = Some(signal_in(&mut request));
-        }
-        let joining = Joining {
-            role: Role::Server,
-            limit: None,
-            watches_disconnects: true,
-        };
+        let gone = request.extensions().get::<ClientGone>().cloned();
+        // Current while the inner service is called, too: a layer inside may ask for it there
+        // (tower's `MapRequest` runs in `call`).
         let scope = ClientGone::enter(gone);
-        let inner = self
-            .config
-            .recorder
-            .call(request, joining, |request| self.inner.call(request));
-        ResponseFuture::new(inner, scope.leave(), is_head)
+        let inner = self.inner.call(request);
+        ResponseFuture::new(inner, Share::none(), scope.leave(), is_head)
     }
 }
 
-/// Puts a new signal into `request`'s extensions.
-#[inline(never)]
-fn signal_in<B>(request: &mut Request<B>) -> ClientGone {
-    let signal = ClientGone::new();
-    request.extensions_mut().insert(signal.clone());
-    signal
+impl<S> ClientDisconnect<S> {
+    /// [`Service::call`] when something can see a recording, or the signal goes into the
+    /// request's extensions.
+    #[inline(never)]
+    fn call_recorded<ReqBody>(&mut self, mut request: Request<ReqBody>) -> ResponseFuture<S::Future>
+    where
+        S: Service<Request<ReqBody>>,
+    {
+        let is_head = request.method() == http::Method::HEAD;
+        let mut gone = request.extensions().get::<ClientGone>().cloned();
+        if self.config.signal_in_extensions && gone.is_none() {
+            let signal = ClientGone::new();
+            request.extensions_mut().insert(signal.clone());
+            gone = Some(signal);
+        }
+        let share = if nothing_can_see() {
+            Share::none()
+        } else {
+            let joining = Joining {
+                role: Role::Server,
+                limit: None,
+                watches_disconnects: true,
+            };
+            self.config.recorder.start(&mut request, joining)
+        };
+        let _calling = share.calling();
+        let scope = ClientGone::enter(gone);
+        let inner = self.inner.call(request);
+        ResponseFuture::new(inner, share, scope.leave(), is_head)
+    }
 }
 
 #[cfg(test)]

@@ -47,7 +47,6 @@ mod future;
 pub use self::error::ConnectTimeoutError;
 pub use self::future::ConnectFuture;
 
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -97,7 +96,7 @@ impl<C> Layer<C> for ConnectTimeoutLayer {
     fn layer(&self, inner: C) -> Self::Service {
         ConnectTimeout {
             inner,
-            config: Arc::new(self.config),
+            config: self.config,
         }
     }
 }
@@ -108,7 +107,7 @@ impl<C> Layer<C> for ConnectTimeoutLayer {
 #[derive(Clone, Debug)]
 pub struct ConnectTimeout<C> {
     inner: C,
-    config: Arc<Config>,
+    config: Config,
 }
 
 impl<C> ConnectTimeout<C> {

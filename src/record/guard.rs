@@ -41,38 +41,29 @@ impl Drop for Share {
 }
 
 impl Recorder {
-    /// Calls the inner service with `call` for a layer that got `request`: first the layer
-    /// joins the request's exchange, or opens one, when something can see a recording at all;
-    /// the inner service is then called inside [`Share::calling`].
-    ///
-    /// The path where nothing can see a recording is apart and takes no reference to the
-    /// request, so that the request is handed on, and the inner future written, without a
-    /// copy.
-    #[inline(always)]
-    pub(crate) fn call<B, F>(
-        &self,
-        request: http::Request<B>,
-        joining: Joining,
-        call: impl FnOnce(http::Request<B>) -> F,
-    ) -> Guarded<F> {
-        if exchange::nothing_can_see() {
-            return Guarded::new(call(request), Share(None));
-        }
-        self.call_recorded(request, joining, call)
-    }
-
-    /// [`Recorder::call`] when something can see a recording.
+    /// A layer got `request`: it joins the request's exchange, or opens one. Only for when
+    /// something can see a recording ([`Share::none`] otherwise); call the inner service
+    /// inside [`Share::calling`].
     #[inline]
-    pub(crate) fn call_recorded<B, F>(
-        &self,
-        mut request: http::Request<B>,
-        joining: Joining,
-        call: impl FnOnce(http::Request<B>) -> F,
-    ) -> Guarded<F> {
-        let share = Share(Exchange::start(self, &mut request, joining));
-        let _calling = share.calling();
-        Guarded::new(call(request), share)
+    pub(crate) fn start<B>(&self, request: &mut http::Request<B>, joining: Joining) -> Share {
+        Share(Exchange::start(self, request, joining))
     }
+}
+
+impl Share {
+    /// The share of a layer when nothing can see a recording (see [`nothing_can_see`]).
+    #[inline(always)]
+    pub(crate) const fn none() -> Self {
+        Share(None)
+    }
+}
+
+/// Whether nothing at all could see a recording: then the layers take the path without an
+/// exchange, written apart in each layer's `call` so that it takes no reference to the
+/// request (which is then handed on, and the inner future written, without a copy).
+#[inline(always)]
+pub(crate) fn nothing_can_see() -> bool {
+    exchange::nothing_can_see()
 }
 
 /// While a layer that records calls its inner service: the request's span is entered, and a
@@ -123,10 +114,10 @@ pin_project! {
     /// - [`poll`](Guarded::poll) polls the inner future in the `Polling` extent (and, for the
     ///   layer that records, in the request's span); a poll that panics leaves its mark, so
     ///   that the drop that follows knows;
-    /// - [`abandon`](Guarded::abandon) drops the inner future on the layer's own decision, in
-    ///   the `Abandoned` extent, so that no layer inside takes it for a client leaving;
-    /// - [`respond`](Guarded::respond) records what the layer returns, or hands the exchange
-    ///   to the body;
+    /// - [`finish`](Guarded::finish) drops the inner future, finished or given up on (its
+    ///   limit fired), in the `Abandoned` extent, so that no layer inside takes it for a client
+    ///   leaving; and hands over what is left to do: record what the layer returns, or hand
+    ///   the exchange to the body;
     /// - dropped with the inner future still running, it drops it in the extent its own drop
     ///   says (the server dropped the request, or a layer gave up on it), then the recording
     ///   layer records that.
@@ -208,13 +199,33 @@ impl<F> Guarded<F> {
             && extent::drop_reason(self.step == Step::Polling) == Extent::ServerDropped
     }
 
-    /// Drops the inner future on this layer's own decision (its limit fired): no layer inside
-    /// takes the drop for a client leaving.
-    pub(crate) fn abandon(self: Pin<&mut Self>) {
+    /// The inner future returned its output, or the layer gives up on it (its limit fired):
+    /// it is dropped as *abandoned*, so that no layer inside takes the drop for a client
+    /// leaving, and neither does whatever a finished future still holds (a future that a layer
+    /// between gave up on). What is left to do with what the layer returns is handed over.
+    #[inline(always)]
+    pub(crate) fn finish(self: Pin<&mut Self>) -> Finished {
         let mut this = self.project();
-        let _entered = this.share.entered();
-        let _extent = extent::enter(Extent::Abandoned);
-        this.state.set(State::Done);
+        *this.step = Step::Finished;
+        {
+            let _entered = this.share.entered();
+            let _extent = extent::enter(Extent::Abandoned);
+            this.state.set(State::Done);
+        }
+        Finished(this.share.0.take())
+    }
+}
+
+/// What is left to do with what a layer returns, once its inner future is done: the exchange,
+/// for the layer that records the request.
+#[must_use]
+pub(crate) struct Finished(Option<Arc<Exchange>>);
+
+impl Finished {
+    /// Whether nothing is left to do for a layer with `gone` (its signal, if it has one).
+    #[inline(always)]
+    pub(crate) fn is_nothing(&self, gone: Option<&ClientGone>) -> bool {
+        self.0.is_none() && gone.is_none()
     }
 
     /// Records what the layer returns, if this layer records: an error or a response head
@@ -222,68 +233,52 @@ impl<F> Guarded<F> {
     /// that leave, the outcome waits for the end of the body (unless the response is a
     /// generated one), which `gone` (the layer's own signal, with whether the request is a
     /// HEAD) also follows.
-    #[inline(always)]
+    ///
+    /// Apart from the path where there is nothing to do ([`is_nothing`](Self::is_nothing)),
+    /// which the layer takes itself: the response is written straight where the layer returns
+    /// it there, where a call that returns it would have it copied twice.
+    #[inline(never)]
     pub(crate) fn respond<B: Followed, E>(
-        self: Pin<&mut Self>,
+        self,
         mut result: Result<Response<B>, E>,
         gone: Option<(ClientGone, bool)>,
     ) -> Result<Response<B>, E> {
-        let mut this = self.project();
-        *this.step = Step::Finished;
-        {
-            // Whatever the finished future still holds (a future a layer between gave up on) is
-            // not the server's to drop.
-            let _extent = extent::enter(Extent::Abandoned);
-            this.state.set(State::Done);
-        }
-        let owner = this.share.0.take();
-        if owner.is_some() || gone.is_some() {
-            record(owner, &mut result, gone);
+        let owner = self.0;
+        let response = match &mut result {
+            Ok(response) => response,
+            Err(_) => {
+                if let Some(exchange) = owner {
+                    exchange.step(|stage| stage.end(Outcome::failed(Phase::BeforeHead, None)));
+                }
+                return result;
+            }
+        };
+        // A generated response is its outcome: its body is not followed, and a client that
+        // leaves while it goes out does not change that.
+        let generated = response.extensions().get::<Generated>().is_some();
+        let owner = owner.filter(|exchange| exchange.head(head_outcome(response), !generated));
+        let gone = gone.filter(|_| !generated);
+        let is_head = match (&owner, &gone) {
+            (Some(exchange), _) => exchange.is_head_request(),
+            (None, Some((_, is_head))) => *is_head,
+            (None, None) => return result,
+        };
+        if let Some(tail) = Tail::new(
+            owner,
+            gone.map(|(gone, _)| gone),
+            response.status(),
+            response.headers(),
+            response.body(),
+            is_head,
+        ) {
+            response.body_mut().follow(tail);
         }
         result
     }
 }
 
-/// [`Guarded::respond`], for a layer that records or has a signal to follow the body with.
-#[inline(never)]
-fn record<B: Followed, E>(
-    owner: Option<Arc<Exchange>>,
-    result: &mut Result<Response<B>, E>,
-    gone: Option<(ClientGone, bool)>,
-) {
-    let response = match result {
-        Ok(response) => response,
-        Err(_) => {
-            if let Some(exchange) = owner {
-                exchange.step(|stage| stage.end(Outcome::failed(Phase::BeforeHead, None)));
-            }
-            return;
-        }
-    };
-    // A generated response is its outcome: its body is not followed, and a client that
-    // leaves while it goes out does not change that.
-    let generated = response.extensions().get::<Generated>().is_some();
-    let owner = owner.filter(|exchange| exchange.head(head_outcome(response), !generated));
-    let gone = gone.filter(|_| !generated);
-    let is_head = match (&owner, &gone) {
-        (Some(exchange), _) => exchange.is_head_request(),
-        (None, Some((_, is_head))) => *is_head,
-        (None, None) => return,
-    };
-    if let Some(tail) = Tail::new(
-        owner,
-        gone.map(|(gone, _)| gone),
-        response.status(),
-        response.headers(),
-        response.body(),
-        is_head,
-    ) {
-        response.body_mut().follow(tail);
-    }
-}
-
 impl<F: Future> Guarded<F> {
-    /// Polls the inner future. The caller hands what it returns to [`respond`](Self::respond).
+    /// Polls the inner future. Once it is ready, the caller calls [`finish`](Self::finish).
     ///
     /// Panics if polled after the inner future finished or was abandoned.
     #[inline(always)]

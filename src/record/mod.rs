@@ -40,11 +40,11 @@
 //! 1. `call`: `Recorder::start` joins or opens the exchange; the recording layer calls the
 //!    inner service inside `Share::calling` (its span entered).
 //! 2. `poll`: the inner future is polled in the *Polling* extent (`extent.rs`).
-//! 3. `abandon`: a layer that gives up on its inner future (its limit fired) drops it in the
-//!    *Abandoned* extent, then answers with a generated response.
-//! 4. `respond`: what the layer returns passes through it; the recording layer records it, or,
-//!    when a layer on the request watches for clients that leave, hands the exchange to the
-//!    body's `Tail`, which records at the end of the body.
+//! 3. `finish`: the inner future returned, or the layer gives up on it (its limit fired, and
+//!    it answers with a generated response): it is dropped in the *Abandoned* extent.
+//! 4. `Finished::respond`: what the layer returns passes through it; the recording layer
+//!    records it, or, when a layer on the request watches for clients that leave, hands the
+//!    exchange to the body's `Tail`, which records at the end of the body.
 //! 5. `drop` with the inner future still there: the drop's extent says why. Outside all of the
 //!    crate's layers (the server dropped the request) it is *ServerDropped*: a client that left,
 //!    for every layer inside; while a crate layer polls or abandons, *Abandoned*. The inner
@@ -100,7 +100,7 @@ use crate::outcome::Outcome;
 use tracing::Level;
 
 pub(crate) use self::exchange::{Joining, Role};
-pub(crate) use self::guard::{Followed, Guarded};
+pub(crate) use self::guard::{nothing_can_see, Followed, Guarded, Share};
 pub(crate) use self::tail::Tail;
 
 /// What the [`on_outcome`](crate::ClientDisconnectLayer::on_outcome) hook is told when a

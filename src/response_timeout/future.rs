@@ -7,7 +7,7 @@ use http::{Response, StatusCode};
 use pin_project_lite::pin_project;
 
 use crate::outcome::Outcome;
-use crate::record::Guarded;
+use crate::record::{Guarded, Share};
 use crate::response::{ResponseBody, ResponseConfig};
 use crate::timer::Timer;
 
@@ -38,14 +38,15 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
 impl<F> ResponseFuture<F> {
     #[inline(always)]
     pub(super) fn new(
-        inner: Guarded<F>,
+        inner: F,
+        share: Share,
         timer: Timer,
         timeout: Duration,
         status: StatusCode,
         responses: ResponseConfig,
     ) -> Self {
         ResponseFuture {
-            inner,
+            inner: Guarded::new(inner, share),
             timer,
             timeout,
             status,
@@ -75,14 +76,20 @@ where
         let mut this = self.project();
         // The inner future first: a response that is ready wins a tie with the timer, and a
         // response ready at its first poll never touches the clock.
-        if let Poll::Ready(result) = this.inner.as_mut().poll(cx) {
-            let result = result.map(|response| response.map(ResponseBody::new));
-            return Poll::Ready(this.inner.respond(result, None));
+        let polled = this.inner.as_mut().poll(cx);
+        if polled.is_ready() {
+            let finished = this.inner.finish();
+            // The response is mapped where it is (no binding to move it into), and in each
+            // branch, so that it is written straight where it goes.
+            let wrap = |result: Result<Response<B>, E>| result.map(|r| r.map(ResponseBody::new));
+            if finished.is_nothing(None) {
+                return polled.map(wrap);
+            }
+            return polled.map(|result| finished.respond(wrap(result), None));
         }
         ready!(this.timer.poll_expired(cx));
-        this.inner.as_mut().abandon();
+        let finished = this.inner.finish();
         let outcome = Outcome::response_timeout(*this.timeout, *this.status);
-        let response = this.responses.generate(outcome);
-        Poll::Ready(this.inner.respond(Ok(response), None))
+        Poll::Ready(finished.respond(Ok(this.responses.generate(outcome)), None))
     }
 }

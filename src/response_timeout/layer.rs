@@ -1,4 +1,3 @@
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
@@ -46,7 +45,7 @@ impl ResponseTimeoutLayer {
         self
     }
 
-    crate::response::response_methods!();
+    crate::response::response_methods!(config.responses);
     crate::record::recorder_methods!(config.recorder);
 }
 
@@ -56,7 +55,7 @@ impl<S> Layer<S> for ResponseTimeoutLayer {
     fn layer(&self, inner: S) -> Self::Service {
         ResponseTimeout {
             inner,
-            config: Arc::new(self.config.clone()),
+            config: self.config.clone(),
         }
     }
 }

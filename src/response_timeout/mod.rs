@@ -19,9 +19,9 @@
 //! - The time runs from the **first poll** of the response future. Servers poll it at once, so
 //!   this is the time from `call` for all practical purposes, and it lets a response that is
 //!   ready at its first poll skip the clock and the timer entirely.
-//! - When the time is up, the inner future is dropped (after the outcome is recorded, so no
-//!   layer inside mistakes the drop for a client leaving) and the layer answers with a
-//!   generated response: 504, `Proxy-Status: tower-timeouts; error=http_response_timeout`, a
+//! - When the time is up, the inner future is dropped as *abandoned* (so that no layer inside
+//!   takes the drop for a client leaving; see [`record`](crate::record)) and the layer answers
+//!   with a generated response: 504, `Proxy-Status: tower-timeouts; error=http_response_timeout`, a
 //!   short `text/plain` body, and a [`Generated`](crate::Generated) marker in its extensions.
 //!   The status, the proxy name and the whole response are configurable.
 //! - The service's error type is the inner one: an inner error passes through untouched.
@@ -29,18 +29,12 @@
 //!   first.
 //! - The timer is polled outside tokio's cooperative budget, so an inner future that keeps the
 //!   task busy cannot starve it (tokio#4314).
-//! - Timers are reused: when a response finishes before its limit, its timer (still
-//!   registered, its waker forgotten) is kept in a small pool of the thread, up to 64, and
-//!   the next response on that thread that needs a timer moves it to its own, later,
-//!   deadline. tokio does that without taking its timer lock, which registering and
-//!   cancelling a fresh timer both take. A reusable timer is a separate allocation, so a
-//!   thread makes at most 256; past that (thousands of responses pending at once), a timer
-//!   is kept inline in the response future, as `tower::timeout` keeps it. Under paused time
-//!   (`tokio::time::pause`) a pooled timer is one more timer the clock may auto-advance to;
-//!   it wakes no task when it fires.
-//! - `Duration::ZERO` times out every request whose response is not ready at its first poll.
-//!   A limit beyond the clock's range (`Duration::MAX`) never fires and never registers a
-//!   timer. Neither panics.
+//! - The timer is a plain `tokio::time::Sleep` in the response future, registered at the first
+//!   poll that finds the response not ready and cancelled when the future is dropped, as
+//!   `tower::timeout`'s.
+//! - `Duration::ZERO` (or a [`Deadline`] already past) times out every request whose response
+//!   is not ready at its first poll, without a timer. A limit beyond the clock's range
+//!   (`Duration::MAX`) never fires and never registers a timer. Neither panics.
 //! - A [`Deadline`] in the request's extensions replaces the configured
 //!   limit for that request.
 //!
@@ -59,7 +53,6 @@ mod layer;
 pub use self::future::ResponseFuture;
 pub use self::layer::ResponseTimeoutLayer;
 
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -68,7 +61,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::deadline::Deadline;
-use crate::record::{Joining, Recorder, Role};
+use crate::record::{nothing_can_see, Joining, Recorder, Role, Share};
 use crate::response::{ResponseBody, ResponseConfig};
 use crate::timer::Timer;
 
@@ -87,7 +80,7 @@ pub(crate) struct Config {
 #[derive(Clone, Debug)]
 pub struct ResponseTimeout<S> {
     inner: S,
-    config: Arc<Config>,
+    config: Config,
 }
 
 impl<S> ResponseTimeout<S> {
@@ -128,21 +121,48 @@ where
 
     #[inline]
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let (timeout, timer) = match request.extensions().get::<Deadline>() {
+        if !nothing_can_see() {
+            return self.call_recorded(request);
+        }
+        let (timeout, timer) = self.limit(&request);
+        ResponseFuture::new(
+            self.inner.call(request),
+            Share::none(),
+            timer,
+            timeout,
+            self.config.status,
+            self.config.responses.clone(),
+        )
+    }
+}
+
+impl<S> ResponseTimeout<S> {
+    /// The limit of `request` (as reported, and its timer): its [`Deadline`], or the layer's.
+    #[inline(always)]
+    fn limit<B>(&self, request: &Request<B>) -> (Duration, Timer) {
+        match request.extensions().get::<Deadline>() {
             Some(deadline) => deadline.timer(),
             None => (self.config.timeout, Timer::after(self.config.timeout)),
-        };
+        }
+    }
+
+    /// [`Service::call`] when something can see a recording.
+    #[inline(never)]
+    fn call_recorded<ReqBody>(&mut self, mut request: Request<ReqBody>) -> ResponseFuture<S::Future>
+    where
+        S: Service<Request<ReqBody>>,
+    {
+        let (timeout, timer) = self.limit(&request);
         let joining = Joining {
             role: Role::Server,
             limit: Some(timeout),
             watches_disconnects: false,
         };
-        let inner = self
-            .config
-            .recorder
-            .call(request, joining, |request| self.inner.call(request));
+        let share = self.config.recorder.start(&mut request, joining);
+        let _calling = share.calling();
         ResponseFuture::new(
-            inner,
+            self.inner.call(request),
+            share,
             timer,
             timeout,
             self.config.status,

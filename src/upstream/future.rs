@@ -1,15 +1,14 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use http::Response;
 use pin_project_lite::pin_project;
 
 use super::classify::classify;
-use super::{BoxError, Config};
-use crate::record::Guarded;
+use super::{Answers, BoxError};
+use crate::record::{Guarded, Share};
 use crate::response::ResponseBody;
 
 pin_project! {
@@ -17,7 +16,7 @@ pin_project! {
     pub struct UpstreamFuture<F> {
         #[pin]
         inner: Guarded<Call<F>>,
-        config: Arc<Config>,
+        answers: Answers,
     }
 }
 
@@ -57,8 +56,11 @@ impl<F> std::fmt::Debug for UpstreamFuture<F> {
 }
 
 impl<F> UpstreamFuture<F> {
-    pub(super) fn new(inner: Guarded<Call<F>>, config: Arc<Config>) -> Self {
-        UpstreamFuture { inner, config }
+    pub(super) fn new(call: Call<F>, share: Share, answers: Answers) -> Self {
+        UpstreamFuture {
+            inner: Guarded::new(call, share),
+            answers,
+        }
     }
 }
 
@@ -76,15 +78,15 @@ where
         let response = match ready!(this.inner.as_mut().poll(cx)) {
             Ok(response) => Ok(response.map(ResponseBody::new)),
             Err(error) => {
-                let outcome = classify(&*error, &this.config.statuses);
-                let details = this.config.details.then(|| innermost(&*error).to_string());
+                let outcome = classify(&*error, &this.answers.statuses);
+                let details = this.answers.details.then(|| innermost(&*error).to_string());
                 Ok(this
-                    .config
+                    .answers
                     .responses
                     .generate_with_details(outcome, details.as_deref()))
             }
         };
-        Poll::Ready(this.inner.respond(response, None))
+        Poll::Ready(this.inner.finish().respond(response, None))
     }
 }
 

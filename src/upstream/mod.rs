@@ -57,14 +57,13 @@ use self::future::Call;
 
 use std::convert::Infallible;
 use std::error::Error;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response, StatusCode};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::record::{Joining, Recorder, Role};
+use crate::record::{nothing_can_see, Joining, Recorder, Role, Share};
 use crate::response::{ResponseBody, ResponseConfig};
 
 type BoxError = Box<dyn Error + Send + Sync>;
@@ -78,11 +77,18 @@ pub(crate) struct Statuses {
     upstream_failed: Option<StatusCode>,
 }
 
+/// How the layer answers an error: what its futures need.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct Config {
+pub(crate) struct Answers {
     statuses: Statuses,
     details: bool,
-    pub(crate) responses: ResponseConfig,
+    responses: ResponseConfig,
+}
+
+/// Configuration of a layer and its services.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Config {
+    answers: Answers,
     pub(crate) recorder: Recorder,
 }
 
@@ -107,14 +113,16 @@ impl UpstreamFailureLayer {
     pub const fn new() -> Self {
         UpstreamFailureLayer {
             config: Config {
-                statuses: Statuses {
-                    rfc9209: false,
-                    connect_timeout: None,
-                    connect_failed: None,
-                    upstream_failed: None,
+                answers: Answers {
+                    statuses: Statuses {
+                        rfc9209: false,
+                        connect_timeout: None,
+                        connect_failed: None,
+                        upstream_failed: None,
+                    },
+                    details: false,
+                    responses: ResponseConfig::new(),
                 },
-                details: false,
-                responses: ResponseConfig::new(),
                 recorder: Recorder::new(),
             },
         }
@@ -124,36 +132,36 @@ impl UpstreamFailureLayer {
     /// for an unreachable destination, 502 for a refused connection, and so on. Explicit
     /// statuses set with the other methods still win.
     pub fn rfc9209_statuses(mut self) -> Self {
-        self.config.statuses.rfc9209 = true;
+        self.config.answers.statuses.rfc9209 = true;
         self
     }
 
     /// The status for a connect timeout (default 599).
     pub fn connect_timeout_status(mut self, status: StatusCode) -> Self {
-        self.config.statuses.connect_timeout = Some(status);
+        self.config.answers.statuses.connect_timeout = Some(status);
         self
     }
 
     /// The status for a connect that failed outright (default 502).
     pub fn connect_failed_status(mut self, status: StatusCode) -> Self {
-        self.config.statuses.connect_failed = Some(status);
+        self.config.answers.statuses.connect_failed = Some(status);
         self
     }
 
     /// The status for a failure after connecting (default 502).
     pub fn upstream_failed_status(mut self, status: StatusCode) -> Self {
-        self.config.statuses.upstream_failed = Some(status);
+        self.config.answers.statuses.upstream_failed = Some(status);
         self
     }
 
     /// Adds `details="<the error's innermost cause>"` to `Proxy-Status`. Off by default: it can
     /// reveal configuration and topology (RFC 9209 §6).
     pub fn proxy_status_details(mut self, enabled: bool) -> Self {
-        self.config.details = enabled;
+        self.config.answers.details = enabled;
         self
     }
 
-    crate::response::response_methods!();
+    crate::response::response_methods!(config.answers.responses);
     crate::record::recorder_methods!(config.recorder);
 }
 
@@ -163,7 +171,7 @@ impl<S> Layer<S> for UpstreamFailureLayer {
     fn layer(&self, inner: S) -> Self::Service {
         UpstreamFailure {
             inner,
-            config: Arc::new(self.config.clone()),
+            config: self.config.clone(),
             not_ready: None,
         }
     }
@@ -174,7 +182,7 @@ impl<S> Layer<S> for UpstreamFailureLayer {
 #[derive(Debug)]
 pub struct UpstreamFailure<S> {
     inner: S,
-    config: Arc<Config>,
+    config: Config,
     not_ready: Option<BoxError>,
 }
 
@@ -225,23 +233,25 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let joining = Joining {
-            role: Role::Client,
-            limit: None,
-            watches_disconnects: false,
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        let share = if nothing_can_see() {
+            Share::none()
+        } else {
+            let joining = Joining {
+                role: Role::Client,
+                limit: None,
+                watches_disconnects: false,
+            };
+            self.config.recorder.start(&mut request, joining)
         };
+        let _calling = share.calling();
         // An error of `poll_ready` is answered at the first poll.
-        let not_ready = self.not_ready.take();
-        let inner = self
-            .config
-            .recorder
-            .call(request, joining, |request| match not_ready {
-                Some(error) => Call::NotReady { error: Some(error) },
-                None => Call::Called {
-                    future: self.inner.call(request),
-                },
-            });
-        UpstreamFuture::new(inner, self.config.clone())
+        let call = match self.not_ready.take() {
+            Some(error) => Call::NotReady { error: Some(error) },
+            None => Call::Called {
+                future: self.inner.call(request),
+            },
+        };
+        UpstreamFuture::new(call, share, self.config.answers.clone())
     }
 }
