@@ -353,6 +353,18 @@ static LAYER_CALLS_RT_OUTSIDE: Placement = Placement {
     ..DEFAULTS
 };
 
+/// Hooks on the inner layers only: the outermost layer, which records, has none.
+static HOOKS_INSIDE_ONLY: Placement = Placement {
+    name: "hooks on the inner layers only",
+    build: |kit, routes| {
+        routes
+            .layer(kit.cd())
+            .layer(ResponseTimeoutLayer::new(kit.limit))
+            .layer(ResponseTimeoutLayer::new(LONG))
+    },
+    ..DEFAULTS
+};
+
 static ROUTE_LAYER_AND_LAYER: Placement = Placement {
     name: "4 .route_layer(stack).layer(stack)",
     build: |kit, routes| {
@@ -1132,6 +1144,11 @@ async fn two_layer_calls_disconnect_outside() {
 #[tokio::test]
 async fn two_layer_calls_timeout_outside() {
     matrix(&[&LAYER_CALLS_RT_OUTSIDE]).await;
+}
+
+#[tokio::test]
+async fn the_hook_of_an_inner_layer_is_called_once_when_the_outer_ones_have_none() {
+    matrix(&[&HOOKS_INSIDE_ONLY]).await;
 }
 
 #[tokio::test]
