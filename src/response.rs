@@ -55,7 +55,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::outcome::Outcome;
-use crate::record::{Followed, Tail};
+use crate::record::{poll_followed, Followed, Tail};
 
 /// `Proxy-Status` (RFC 9209).
 pub const PROXY_STATUS: HeaderName = HeaderName::from_static("proxy-status");
@@ -429,15 +429,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
-        let Some(tail) = this.tail else {
-            return this.kind.poll_frame(cx);
-        };
-        let polled = tail.poll_frame(this.kind, cx);
-        if tail.is_done() {
-            // Records the end now rather than when the server drops the body.
-            *this.tail = None;
-        }
-        polled
+        poll_followed(this.tail, this.kind, cx)
     }
 
     #[inline]

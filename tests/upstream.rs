@@ -46,7 +46,7 @@ use tracing::Subscriber;
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
 
-use common::{serve, Outcomes, Server, SERVERS, SOON};
+use common::{black_hole, refusing, serve, Outcomes, Server, SERVERS, SOON};
 
 /// The connect limit of the single-scenario tests.
 const CONNECT_LIMIT: Duration = Duration::from_millis(200);
@@ -58,9 +58,6 @@ const FOREVER: Duration = Duration::from_secs(60);
 const MARGIN: Duration = Duration::from_secs(5);
 /// A refused connect is answered in well under this, however loaded the machine.
 const FAST: Duration = Duration::from_secs(2);
-/// How long a probe connect must hang for the black hole's queue to count as full. A probe that
-/// a stalled machine lets time out is harmless: the first filler has filled the queue already.
-const PROBE: Duration = Duration::from_millis(100);
 /// How many times the 599's arrival is measured.
 const TIMING_RUNS: usize = 10;
 
@@ -70,48 +67,6 @@ const RESPONSE_TIMEOUT_STATUS: &str = "tower-timeouts; error=http_response_timeo
 
 // ---------------------------------------------------------------------------------------------
 // Upstreams on loopback
-
-/// A listener whose accept queue is full: every further connect hangs (Linux drops the SYN).
-/// The listener and the connections that fill its queue live as long as this value.
-struct BlackHole {
-    addr: SocketAddr,
-    _listener: TcpListener,
-    _fillers: Vec<TcpStream>,
-}
-
-async fn black_hole() -> BlackHole {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
-    let listener = socket.listen(0).unwrap();
-    let addr = listener.local_addr().unwrap();
-    // With backlog 0, one connect completes and fills the queue. Then connect until one hangs,
-    // so that the hole is checked rather than assumed (a kernel that counts the backlog
-    // differently gets more fillers).
-    let connect = TcpStream::connect(addr);
-    let mut fillers = vec![timeout(SOON, connect).await.unwrap().unwrap()];
-    for _ in 0..8 {
-        match timeout(PROBE, TcpStream::connect(addr)).await {
-            Ok(Ok(filler)) => fillers.push(filler),
-            Ok(Err(error)) => panic!("filling the black hole's queue: {error}"),
-            Err(_) => {
-                return BlackHole {
-                    addr,
-                    _listener: listener,
-                    _fillers: fillers,
-                }
-            }
-        }
-    }
-    panic!("the accept queue of {addr} never filled");
-}
-
-/// A socket bound to a port that never listens: connects to it are refused at once. Keep it
-/// alive so that nobody else gets the port.
-fn refusing() -> (SocketAddr, TcpSocket) {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
-    (socket.local_addr().unwrap(), socket)
-}
 
 /// A listener that never accepts, with room in its queue: connects succeed, and no answer ever
 /// comes. Connections stay in the queue until the listener is dropped, closed or not, so the

@@ -4,7 +4,7 @@ use std::task::{Context, Poll};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::record::{Followed, Tail};
+use crate::record::{poll_followed, Followed, Tail};
 
 pin_project! {
     /// The response body of [`ClientDisconnect`](super::ClientDisconnect): the inner body,
@@ -58,15 +58,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
-        let Some(tail) = this.tail else {
-            return this.inner.poll_frame(cx);
-        };
-        let polled = tail.poll_frame(this.inner, cx);
-        if tail.is_done() {
-            // Records the end now rather than when the server drops the body.
-            *this.tail = None;
-        }
-        polled
+        poll_followed(this.tail, this.inner, cx)
     }
 
     #[inline]

@@ -170,16 +170,12 @@ impl<S> ClientDisconnect<S> {
             request.extensions_mut().insert(signal.clone());
             gone = Some(signal);
         }
-        let share = if nothing_can_see() {
-            Share::none()
-        } else {
-            let joining = Joining {
-                role: Role::Server,
-                limit: None,
-                watches_disconnects: true,
-            };
-            self.config.recorder.start(&mut request, joining)
+        let joining = Joining {
+            role: Role::Server,
+            limit: None,
+            watches_disconnects: true,
         };
+        let share = self.config.recorder.start(&mut request, joining);
         let _calling = share.calling();
         let scope = ClientGone::enter(gone);
         let inner = self.inner.call(request);

@@ -41,11 +41,14 @@ impl Drop for Share {
 }
 
 impl Recorder {
-    /// A layer got `request`: it joins the request's exchange, or opens one. Only for when
-    /// something can see a recording ([`Share::none`] otherwise); call the inner service
-    /// inside [`Share::calling`].
+    /// A layer got `request`: it joins the request's exchange, or opens one, when something
+    /// can see a recording ([`nothing_can_see`]); call the inner service inside
+    /// [`Share::calling`].
     #[inline]
     pub(crate) fn start<B>(&self, request: &mut http::Request<B>, joining: Joining) -> Share {
+        if nothing_can_see() {
+            return Share::none();
+        }
         Share(Exchange::start(self, request, joining))
     }
 }

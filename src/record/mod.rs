@@ -101,7 +101,7 @@ use tracing::Level;
 
 pub(crate) use self::exchange::{Joining, Role};
 pub(crate) use self::guard::{nothing_can_see, Followed, Guarded, Share};
-pub(crate) use self::tail::Tail;
+pub(crate) use self::tail::{poll_followed, Tail};
 
 /// What the [`on_outcome`](crate::ClientDisconnectLayer::on_outcome) hook is told when a
 /// request ends.

@@ -94,7 +94,7 @@ impl Tail {
     /// Polls `body` on the tail's behalf. Drop the tail once it [`is_done`](Tail::is_done): that
     /// records the end.
     #[inline]
-    pub(crate) fn poll_frame<B: Body>(
+    fn poll_frame<B: Body>(
         &mut self,
         mut body: Pin<&mut B>,
         cx: &mut Context<'_>,
@@ -126,9 +126,27 @@ impl Tail {
 
     /// Whether the body is complete (or failed): nothing more to follow.
     #[inline]
-    pub(crate) fn is_done(&self) -> bool {
+    fn is_done(&self) -> bool {
         self.progress.complete
     }
+}
+
+/// Polls `body`, through `tail` when there is one; drops the tail once the body is done,
+/// which records the end then rather than when the server drops the body.
+#[inline]
+pub(crate) fn poll_followed<B: Body>(
+    tail: &mut Option<Box<Tail>>,
+    body: Pin<&mut B>,
+    cx: &mut Context<'_>,
+) -> PolledFrame<B> {
+    let Some(following) = tail else {
+        return body.poll_frame(cx);
+    };
+    let polled = following.poll_frame(body, cx);
+    if following.is_done() {
+        *tail = None;
+    }
+    polled
 }
 
 impl Drop for Tail {

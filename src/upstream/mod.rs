@@ -63,7 +63,7 @@ use http::{Request, Response, StatusCode};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::record::{nothing_can_see, Joining, Recorder, Role, Share};
+use crate::record::{Joining, Recorder, Role};
 use crate::response::{ResponseBody, ResponseConfig};
 
 type BoxError = Box<dyn Error + Send + Sync>;
@@ -234,16 +234,12 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        let share = if nothing_can_see() {
-            Share::none()
-        } else {
-            let joining = Joining {
-                role: Role::Client,
-                limit: None,
-                watches_disconnects: false,
-            };
-            self.config.recorder.start(&mut request, joining)
+        let joining = Joining {
+            role: Role::Client,
+            limit: None,
+            watches_disconnects: false,
         };
+        let share = self.config.recorder.start(&mut request, joining);
         let _calling = share.calling();
         // An error of `poll_ready` is answered at the first poll.
         let call = match self.not_ready.take() {

@@ -391,6 +391,8 @@ pub struct BlackHole {
 
 /// Makes a [`BlackHole`], checking that a connect to it really hangs.
 pub async fn black_hole() -> BlackHole {
+    // How long a probe connect must hang for the queue to count as full. A probe that a
+    // stalled machine lets time out is harmless: the first filler has filled the queue already.
     const PROBE: Duration = Duration::from_millis(100);
     let socket = TcpSocket::new_v4().unwrap();
     socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
