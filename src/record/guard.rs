@@ -25,9 +25,9 @@ use crate::signal::ClientGone;
 pub(crate) struct Share(Option<Arc<Exchange>>);
 
 impl Drop for Share {
-    /// A share that still holds its exchange here was not handed to a [`Guarded`] (the inner
-    /// service's `call` panicked) or its guard let it go without an outcome: recorded as a
-    /// panic or a drop, unless recorded already.
+    /// A share dropped with its exchange still in it never reached a [`Guarded`]: the inner
+    /// service's `call` panicked. Recorded as a panic (as a drop, should it ever be dropped
+    /// otherwise), unless recorded already.
     fn drop(&mut self) {
         if let Some(exchange) = self.0.take() {
             let outcome = if std::thread::panicking() {
@@ -128,7 +128,9 @@ pin_project! {
         #[pin]
         state: State<F>,
         share: Share,
-        step: Step,
+        // Set while the inner future is polled: still set when the guard is dropped, that
+        // poll panicked.
+        polling: bool,
     }
 
     impl<F> PinnedDrop for Guarded<F> {
@@ -137,14 +139,14 @@ pin_project! {
             if let StateProj::Done = this.state.as_mut().project() {
                 return;
             }
-            let panicked = *this.step == Step::Polling;
+            let panicked = *this.polling;
             let reason = extent::drop_reason(panicked);
             {
                 let _entered = this.share.entered();
                 let _extent = extent::enter(reason);
                 this.state.set(State::Done);
             }
-            if let Some(exchange) = &this.share.0 {
+            if let Some(exchange) = this.share.0.take() {
                 if panicked {
                     let panicked = Outcome::panicked(Phase::BeforeHead, None);
                     exchange.step(|stage| stage.end(panicked));
@@ -164,21 +166,10 @@ pin_project! {
     }
 }
 
-/// Where the inner future is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Step {
-    /// Between polls.
-    Waiting,
-    /// Being polled: still so when the guard is dropped, that poll panicked.
-    Polling,
-    /// It returned its output, and the layer responded.
-    Finished,
-}
-
 impl<F> std::fmt::Debug for Guarded<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Guarded")
-            .field("step", &self.step)
+            .field("running", &matches!(self.state, State::Running { .. }))
             .field("share", &self.share)
             .finish_non_exhaustive()
     }
@@ -190,7 +181,7 @@ impl<F> Guarded<F> {
         Guarded {
             state: State::Running { inner },
             share,
-            step: Step::Waiting,
+            polling: false,
         }
     }
 
@@ -199,7 +190,7 @@ impl<F> Guarded<F> {
     #[inline]
     pub(crate) fn is_dropped_by_server(&self) -> bool {
         matches!(self.state, State::Running { .. })
-            && extent::drop_reason(self.step == Step::Polling) == Extent::ServerDropped
+            && extent::drop_reason(self.polling) == Extent::ServerDropped
     }
 
     /// The inner future returned its output, or the layer gives up on it (its limit fired):
@@ -209,7 +200,6 @@ impl<F> Guarded<F> {
     #[inline(always)]
     pub(crate) fn finish(self: Pin<&mut Self>) -> Finished {
         let mut this = self.project();
-        *this.step = Step::Finished;
         {
             let _entered = this.share.entered();
             let _extent = extent::enter(Extent::Abandoned);
@@ -287,27 +277,26 @@ impl<F: Future> Guarded<F> {
     #[inline(always)]
     pub(crate) fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let (StateProj::Running { inner }, Step::Waiting) = (this.state.project(), *this.step)
-        else {
+        let StateProj::Running { inner } = this.state.project() else {
             panic!("a tower-timeouts response future was polled after it completed");
         };
         let _entered = this.share.entered();
         let _extent = extent::enter(Extent::Polling);
-        let _polling = Polling::enter(this.step);
+        let _polling = Polling::enter(this.polling);
         // The tail, so that the output is written where the caller wants it.
         inner.poll(cx)
     }
 }
 
-/// Marks the inner future as being polled, until dropped: then it is waiting again, or, when
-/// the drop is the unwinding of a panic in the poll, left marked (the guard's drop knows).
-struct Polling<'a>(&'a mut Step);
+/// Marks the inner future as being polled, until dropped; left marked when the drop is the
+/// unwinding of a panic in the poll (the guard's drop knows by that).
+struct Polling<'a>(&'a mut bool);
 
 impl<'a> Polling<'a> {
     #[inline(always)]
-    fn enter(step: &'a mut Step) -> Self {
-        *step = Step::Polling;
-        Polling(step)
+    fn enter(polling: &'a mut bool) -> Self {
+        *polling = true;
+        Polling(polling)
     }
 }
 
@@ -315,7 +304,7 @@ impl Drop for Polling<'_> {
     #[inline(always)]
     fn drop(&mut self) {
         if !std::thread::panicking() {
-            *self.0 = Step::Waiting;
+            *self.0 = false;
         }
     }
 }

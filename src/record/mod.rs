@@ -55,6 +55,11 @@
 //! body is dropped early in the *ServerDropped* extent. A timeout of the crate, inside or
 //! outside it, abandons what it wraps, so a timeout never fires the signal, in any placement.
 //!
+//! The extents are a thread-local, and that is exact: a drop runs to its end on the thread
+//! that began it, and every future inside is dropped within it, so a value set for the
+//! duration of the drop reaches exactly the drops it causes. A handle carried through the
+//! exchange would give the same answers, and would need the exchange on every path.
+//!
 //! The recording itself (`stage.rs`) is a small state machine: open, then (when the body is
 //! followed) the body, then done; only the step into *done* yields an outcome, so nothing is
 //! recorded twice.
@@ -78,8 +83,11 @@
 //!   request. Put the crate's layers outside the layers that drop what they wrap.
 //! - A layer between that drops the inner future when the crate's layers are not polling (it
 //!   moved the future to a task of its own) is taken for the server.
+//! - A layer between that replaces the response body while it is sent drops the inner body
+//!   outside any of the crate's extents: taken for the server.
 //! - A request whose extensions a layer between does not carry over (a retry policy that
-//!   builds a new request without them) is a new request to the layers inside it.
+//!   builds a new request without them) is a new request to the layers inside it: as it is
+//!   made while the crate's layers poll, an upstream call.
 
 mod exchange;
 mod extent;
