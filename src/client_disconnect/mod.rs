@@ -87,7 +87,8 @@ use tower_service::Service;
 use crate::record::{nothing_can_see, Joining, Recorder, Role, Share};
 use crate::signal::ClientGone;
 
-/// Configuration shared by a layer's services.
+/// A layer's configuration: the layer holds it and each of its services a clone, cheap to
+/// make (what a clone would copy at length, such as a hook, is behind an `Arc` inside).
 #[derive(Clone, Debug, Default)]
 struct Config {
     recorder: Recorder,
@@ -141,6 +142,8 @@ where
 
     #[inline]
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        // Apart from the path where nothing can see a recording, which takes no reference to
+        // the request: it is handed on without a copy.
         if !nothing_can_see() || self.config.signal_in_extensions {
             return self.call_recorded(request);
         }

@@ -56,7 +56,8 @@ use tower_service::Service;
 
 use crate::trace;
 
-/// Configuration shared by a layer's connectors.
+/// A layer's configuration: the layer holds it and each of its services a clone, cheap to
+/// make (what a clone would copy at length, such as a hook, is behind an `Arc` inside).
 #[derive(Clone, Copy, Debug)]
 struct Config {
     timeout: Duration,

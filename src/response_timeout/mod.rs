@@ -65,7 +65,8 @@ use crate::record::{nothing_can_see, Joining, Recorder, Role, Share};
 use crate::response::{ResponseBody, ResponseConfig};
 use crate::timer::Timer;
 
-/// Configuration shared by a layer's services and their futures.
+/// A layer's configuration: the layer holds it and each of its services a clone, cheap to
+/// make (what a clone would copy at length, such as a hook, is behind an `Arc` inside).
 #[derive(Clone, Debug)]
 pub(crate) struct Config {
     pub(crate) timeout: Duration,
@@ -121,6 +122,8 @@ where
 
     #[inline]
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        // Apart from the path where nothing can see a recording, which takes no reference to
+        // the request: it is handed on without a copy.
         if !nothing_can_see() {
             return self.call_recorded(request);
         }

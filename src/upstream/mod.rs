@@ -85,7 +85,8 @@ pub(crate) struct Answers {
     responses: ResponseConfig,
 }
 
-/// Configuration of a layer and its services.
+/// A layer's configuration: the layer holds it and each of its services a clone, cheap to
+/// make (what a clone would copy at length, such as a hook, is behind an `Arc` inside).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Config {
     answers: Answers,
