@@ -132,19 +132,22 @@ impl<'a> Report<'a> {
     }
 
     /// The time from the outermost layer's `call` to the outcome: to the end of the body (or
-    /// the client leaving) under a [`ClientDisconnectLayer`](crate::ClientDisconnectLayer), to
-    /// the response head otherwise.
+    /// the client leaving) when a [`ClientDisconnectLayer`](crate::ClientDisconnectLayer) is on
+    /// the request, to the response head otherwise.
     pub fn elapsed(&self) -> Duration {
         self.elapsed
     }
 }
 
-/// A hook called exactly once per request, when it ends, for metrics and logs.
+/// A hook called exactly once per request, when it ends, for metrics and logs. With hooks on
+/// several of the crate's layers on one request, the outermost one is called.
 ///
 /// Implemented for every `Fn(&Report<'_>) + Send + Sync + 'static` closure and, as a no-op, for
 /// `()`. A hook that panics is caught: the panic is reported as an ERROR event and the request
-/// and connection go on unharmed. (The one exception is Rust's own rule: a hook that panics
-/// while the inner service's panic unwinds, when that panic is the outcome, aborts the process.)
+/// and connection go on unharmed. (The one exception is Rust's own rule: a panic of the inner
+/// service is recorded when its future is dropped, and if that drop is part of the panic's own
+/// unwinding, as it is when the future lives on the panicking thread's stack, a hook that
+/// panics too aborts the process. A server's task is dropped after the unwinding.)
 pub trait OnOutcome: Send + Sync + 'static {
     /// Called once, when the request ends.
     fn on_outcome(&self, report: &Report<'_>);
@@ -218,24 +221,27 @@ impl fmt::Debug for Recorder {
     }
 }
 
-/// The builder methods of every layer that may own a request's recording.
+/// The builder methods of every layer that may record a request.
 macro_rules! recorder_methods {
     ($($recorder:ident).+) => {
-        /// Calls `hook` once per request, when it ends. Used when this is the outermost of the
-        /// crate's layers on the request, which records for all.
+        /// Calls `hook` once per request, when it ends: this layer's, unless a layer of the
+        /// crate outside it on the request has a hook of its own. Also makes every request in
+        /// the process take the recording path (see [`record`](crate::record)).
         pub fn on_outcome(mut self, hook: impl $crate::OnOutcome) -> Self {
             self.$($recorder).+ = self.$($recorder).+.on_outcome(hook);
             self
         }
 
         /// The level of the event emitted for every outcome but a normal completion (default
-        /// WARN).
+        /// WARN). Used when this is the outermost of the crate's layers on the request, which
+        /// records for all.
         pub fn event_level(mut self, level: tracing::Level) -> Self {
             self.$($recorder).+ = self.$($recorder).+.event_level(level);
             self
         }
 
-        /// Records into the span current at `call` instead of opening a `request` span. See
+        /// Records into the span current at `call` instead of opening a `request` span, when
+        /// this is the outermost of the crate's layers on the request. See
         /// [`trace`](crate::trace).
         pub fn record_in_current_span(mut self) -> Self {
             self.$($recorder).+ = self.$($recorder).+.record_in_current_span();
