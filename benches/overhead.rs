@@ -41,9 +41,9 @@
 //!
 //! # Cases
 //!
-//! With no tracing subscriber (none has been set in the process: asserted before every case,
-//! since the crate's layers skip their span while `tracing::dispatcher::has_been_set()` is
-//! false):
+//! With no tracing subscriber (none has been set in the process: asserted before every case)
+//! and no hook configured, the crate's layers take their path where nothing can see a
+//! recording (see the crate's `record` docs):
 //! - `bare`: the inner service alone, the baseline;
 //! - `tower_timeout`: `tower::timeout::TimeoutLayer::new(10 s)`;
 //! - `tower_http_timeout`: `tower_http::timeout::TimeoutLayer::with_status_code(504, 10 s)`;
