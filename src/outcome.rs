@@ -62,6 +62,16 @@ pub enum Outcome {
         /// The status that was sent (504 unless configured otherwise).
         status: StatusCode,
     },
+    /// The deadline of the request being served had passed (or had less left than the
+    /// margin) when a handler made an upstream call through a
+    /// [`PropagateDeadlineLayer`](crate::PropagateDeadlineLayer): nothing was sent, and the
+    /// layer answered at once.
+    #[non_exhaustive]
+    DeadlineExceeded {
+        /// The status that was sent (504 unless configured otherwise; 200 with
+        /// `grpc-status: 4` for gRPC).
+        status: StatusCode,
+    },
     /// The connection to the upstream was not established in time.
     #[non_exhaustive]
     ConnectTimeout {
@@ -135,6 +145,10 @@ impl Outcome {
         Outcome::ResponseTimeout { timeout, status }
     }
 
+    pub(crate) fn deadline_exceeded(status: StatusCode) -> Self {
+        Outcome::DeadlineExceeded { status }
+    }
+
     pub(crate) fn connect_timeout(timeout: Option<Duration>, status: StatusCode) -> Self {
         Outcome::ConnectTimeout { timeout, status }
     }
@@ -177,6 +191,7 @@ impl Outcome {
         match &mut self {
             Outcome::Completed { status }
             | Outcome::ResponseTimeout { status, .. }
+            | Outcome::DeadlineExceeded { status }
             | Outcome::ConnectTimeout { status, .. }
             | Outcome::ConnectFailed { status, .. }
             | Outcome::UpstreamFailed { status, .. } => *status = sent,
@@ -189,12 +204,13 @@ impl Outcome {
     }
 
     /// A short, stable name for the outcome: the value of the `tower_timeouts.outcome` span
-    /// field (`completed`, `response_timeout`, `connect_timeout`, `connect_failed`,
+    /// field (`completed`, `response_timeout`, `deadline_exceeded`, `connect_timeout`, `connect_failed`,
     /// `upstream_failed`, `client_disconnected`, `failed`, `panicked`, `dropped`).
     pub fn kind(&self) -> &'static str {
         match self {
             Outcome::Completed { .. } => "completed",
             Outcome::ResponseTimeout { .. } => "response_timeout",
+            Outcome::DeadlineExceeded { .. } => "deadline_exceeded",
             Outcome::ConnectTimeout { .. } => "connect_timeout",
             Outcome::ConnectFailed { .. } => "connect_failed",
             Outcome::UpstreamFailed { .. } => "upstream_failed",
@@ -214,6 +230,7 @@ impl Outcome {
         match self {
             Outcome::Completed { status }
             | Outcome::ResponseTimeout { status, .. }
+            | Outcome::DeadlineExceeded { status }
             | Outcome::ConnectTimeout { status, .. }
             | Outcome::ConnectFailed { status, .. }
             | Outcome::UpstreamFailed { status, .. } => Some(*status),
@@ -242,6 +259,7 @@ impl Outcome {
         match self {
             Outcome::Completed { .. } => None,
             Outcome::ResponseTimeout { .. } => Some(ProxyError::HttpResponseTimeout.token()),
+            Outcome::DeadlineExceeded { .. } => Some("deadline_exceeded"),
             Outcome::ConnectTimeout { .. } => Some(ProxyError::ConnectionTimeout.token()),
             Outcome::ConnectFailed { error, .. } | Outcome::UpstreamFailed { error, .. } => {
                 Some(error.token())
@@ -257,6 +275,16 @@ impl Outcome {
             } => Some("body_error"),
             Outcome::Panicked { .. } => Some("panic"),
             Outcome::Dropped {} => Some("dropped"),
+        }
+    }
+
+    /// The error type a generated response names in `Proxy-Status`: the RFC 9209 one. A
+    /// deadline that passed before an upstream call is `http_response_timeout` there (the
+    /// registry has nothing closer), `deadline_exceeded` as `error.type`.
+    pub(crate) fn proxy_error(&self) -> Option<&'static str> {
+        match self {
+            Outcome::DeadlineExceeded { .. } => Some(ProxyError::HttpResponseTimeout.token()),
+            other => other.error_type(),
         }
     }
 

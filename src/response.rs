@@ -55,6 +55,7 @@ use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use crate::grpc::GrpcCode;
 use crate::outcome::Outcome;
 use crate::record::{poll_followed, Followed, Tail};
 
@@ -104,7 +105,26 @@ macro_rules! response_methods {
             self
         }
 
-        /// Builds the generated responses with `make` instead of the default one. The status it
+        /// The gRPC status of each generated response to a gRPC request, in place of the
+        /// defaults of [`grpc`](crate::grpc#statuses).
+        pub fn grpc_code_with<F>(mut self, code: F) -> Self
+        where
+            F: Fn(&$crate::Outcome) -> $crate::grpc::GrpcCode + Send + Sync + 'static,
+        {
+            self.$($responses).+ = self.$($responses).+.grpc_code_with(code);
+            self
+        }
+
+        /// Answers gRPC requests with the same responses as any other request (a 504 with a
+        /// text body, …) instead of trailers-only gRPC statuses (see [`grpc`](crate::grpc)).
+        pub fn without_grpc(mut self) -> Self {
+            self.$($responses).+ = self.$($responses).+.without_grpc();
+            self
+        }
+
+        /// Builds the generated responses with `make` instead of the default one (for gRPC
+        /// requests too, once [`without_grpc`](Self::without_grpc) is set; else they get the
+        /// trailers-only form). The status it
         /// sets is what is sent (the outcome's [`sent_status`](crate::Outcome::sent_status) is
         /// the configured one). `Proxy-Status` is added unless `make` sets it or it is turned
         /// off, and the [`Generated`](crate::Generated) marker is always added.
@@ -120,6 +140,7 @@ macro_rules! response_methods {
 pub(crate) use response_methods;
 
 type MakeFn = dyn Fn(&Outcome) -> Response<Bytes> + Send + Sync;
+type CodeFn = dyn Fn(&Outcome) -> GrpcCode + Send + Sync;
 
 /// How a layer builds the responses it generates. Shared (cheaply cloned) by a layer's
 /// services.
@@ -134,6 +155,8 @@ pub(crate) struct ResponseConfig {
 struct Custom {
     proxy_status: Option<HeaderValue>,
     make: Option<Arc<MakeFn>>,
+    grpc_code: Option<Arc<CodeFn>>,
+    without_grpc: bool,
 }
 
 impl fmt::Debug for ResponseConfig {
@@ -160,6 +183,8 @@ impl ResponseConfig {
             Arc::new(Custom {
                 proxy_status: Some(HeaderValue::from_static(DEFAULT_PROXY_NAME)),
                 make: None,
+                grpc_code: None,
+                without_grpc: false,
             })
         }))
     }
@@ -202,10 +227,46 @@ impl ResponseConfig {
         self
     }
 
-    /// Builds the response for `outcome`: the user's builder or the default one, then the
+    pub(crate) fn grpc_code_with<F>(mut self, code: F) -> Self
+    where
+        F: Fn(&Outcome) -> GrpcCode + Send + Sync + 'static,
+    {
+        self.custom().grpc_code = Some(Arc::new(code));
+        self
+    }
+
+    pub(crate) fn without_grpc(mut self) -> Self {
+        self.custom().without_grpc = true;
+        self
+    }
+
+    /// Whether gRPC requests get gRPC answers.
+    #[inline]
+    pub(crate) fn answers_grpc(&self) -> bool {
+        !self
+            .custom
+            .as_deref()
+            .is_some_and(|custom| custom.without_grpc)
+    }
+
+    /// The `content-type` of a request with `headers` when it is gRPC and gets gRPC answers:
+    /// what a layer keeps from the request to answer it.
+    #[inline]
+    pub(crate) fn grpc_of(&self, headers: &http::HeaderMap) -> Option<HeaderValue> {
+        crate::grpc::grpc_content_type(headers)
+            .filter(|_| self.answers_grpc())
+            .cloned()
+    }
+
+    /// Builds the response for `outcome`: the user's builder or the default one (for a gRPC
+    /// request, whose `content-type` is `grpc`, a trailers-only gRPC status), then the
     /// `Proxy-Status` header (unless the builder set one) and the [`Generated`] marker.
-    pub(crate) fn generate<B>(&self, outcome: Outcome) -> Response<ResponseBody<B>> {
-        self.generate_with_details(outcome, None)
+    pub(crate) fn generate<B>(
+        &self,
+        outcome: Outcome,
+        grpc: Option<&HeaderValue>,
+    ) -> Response<ResponseBody<B>> {
+        self.generate_with_details(outcome, None, grpc)
     }
 
     /// [`generate`](Self::generate), with a `details` parameter in `Proxy-Status`.
@@ -213,16 +274,23 @@ impl ResponseConfig {
         &self,
         outcome: Outcome,
         details: Option<&str>,
+        grpc: Option<&HeaderValue>,
     ) -> Response<ResponseBody<B>> {
-        let make = self
-            .custom
-            .as_deref()
-            .and_then(|custom| custom.make.as_ref());
-        let mut response = match make {
-            Some(make) => make(&outcome),
-            None => default_response(&outcome),
+        let custom = self.custom.as_deref();
+        let make = custom.and_then(|custom| custom.make.as_ref());
+        let (mut response, outcome) = match (grpc, make) {
+            (Some(content_type), _) => {
+                let code = match custom.and_then(|custom| custom.grpc_code.as_ref()) {
+                    Some(code) => code(&outcome),
+                    None => crate::grpc::default_code(&outcome),
+                };
+                let response = grpc_response(&outcome, content_type, code);
+                (response, outcome.sent_as(http::StatusCode::OK))
+            }
+            (None, Some(make)) => (make(&outcome), outcome),
+            (None, None) => (default_response(&outcome), outcome),
         };
-        if let (Some(name), Some(error)) = (self.proxy_name_bytes(), outcome.error_type()) {
+        if let (Some(name), Some(error)) = (self.proxy_name_bytes(), outcome.proxy_error()) {
             if response.headers().contains_key(PROXY_STATUS) {
                 // The builder set its own.
             } else if let (None, Some(value)) = (details, self.static_proxy_status(error)) {
@@ -249,6 +317,20 @@ impl ResponseConfig {
         response.extensions_mut().insert(Generated { outcome });
         response.map(ResponseBody::generated)
     }
+}
+
+/// A trailers-only gRPC response: 200, the request's `content-type`, `grpc-status`,
+/// `grpc-message`, no body.
+fn grpc_response(outcome: &Outcome, content_type: &HeaderValue, code: GrpcCode) -> Response<Bytes> {
+    let mut response = Response::new(Bytes::new());
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, content_type.clone());
+    headers.insert(crate::grpc::GRPC_STATUS, code.header_value());
+    headers.insert(
+        crate::grpc::GRPC_MESSAGE,
+        crate::grpc::encode_message(&crate::grpc::message(outcome)),
+    );
+    response
 }
 
 fn default_response(outcome: &Outcome) -> Response<Bytes> {
@@ -492,8 +574,8 @@ mod tests {
     async fn default_timeout_response() {
         let outcome =
             Outcome::response_timeout(Duration::from_secs(1), StatusCode::GATEWAY_TIMEOUT);
-        let response =
-            ResponseConfig::default().generate::<http_body_util::Empty<Bytes>>(outcome.clone());
+        let response = ResponseConfig::default()
+            .generate::<http_body_util::Empty<Bytes>>(outcome.clone(), None);
         assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(
             response.headers()[PROXY_STATUS],
@@ -518,7 +600,7 @@ mod tests {
             Outcome::response_timeout(Duration::from_secs(1), StatusCode::GATEWAY_TIMEOUT);
         let off = ResponseConfig::default().proxy_name(None);
         assert!(!off
-            .generate::<String>(outcome)
+            .generate::<String>(outcome, None)
             .headers()
             .contains_key(PROXY_STATUS));
     }

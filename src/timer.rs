@@ -1,5 +1,5 @@
 //! The timer of a response limit: armed at the first poll that finds the response not ready,
-//! so that a response ready at once never reads the clock or registers a timer.
+//! so that a response ready at once never registers a timer.
 //!
 //! A plain `tokio::time::Sleep`, kept in the response future as `tower::timeout` keeps its own:
 //! registered when first polled, cancelled when dropped. An earlier version kept finished
@@ -12,7 +12,6 @@
 use std::future::Future;
 use std::pin::{pin, Pin};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use tokio::task::unconstrained;
@@ -29,8 +28,6 @@ pin_project! {
 pin_project! {
     #[project = SlotProj]
     enum Slot {
-        /// To be armed for this long from the first poll.
-        After { timeout: Duration },
         /// To be armed for this deadline.
         At { deadline: Instant },
         /// Beyond the clock's range: never fires.
@@ -40,11 +37,9 @@ pin_project! {
 }
 
 impl Timer {
-    /// A limit of `timeout` from the first poll.
-    pub(crate) const fn after(timeout: Duration) -> Self {
-        Timer {
-            slot: Slot::After { timeout },
-        }
+    /// A limit that never fires.
+    pub(crate) const fn never() -> Self {
+        Timer { slot: Slot::Never }
     }
 
     /// A limit at `deadline`.
@@ -60,7 +55,7 @@ impl Timer {
     }
 
     /// Whether the limit has passed, arming the timer if this is its first poll. A limit that
-    /// has passed already (`Duration::ZERO`, a deadline in the past) is ready at once, without
+    /// has passed already (a zero limit, a deadline in the past) is ready at once, without
     /// a timer; one beyond the clock's range is never ready and registers nothing. The timer
     /// is polled outside tokio's coop budget, so that a busy inner future cannot starve it
     /// (tokio#4314).
@@ -69,21 +64,14 @@ impl Timer {
     /// are disabled, the first time it arms a timer.
     #[inline]
     pub(crate) fn poll_expired(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let deadline = match self.slot {
-            Slot::After { timeout } if timeout.is_zero() => return Poll::Ready(()),
-            Slot::After { timeout } => Instant::now().checked_add(timeout),
-            Slot::At { deadline } if deadline <= Instant::now() => return Poll::Ready(()),
-            Slot::At { deadline } => Some(deadline),
-            Slot::Never => return Poll::Pending,
-            Slot::Armed { .. } => None,
-        };
         let mut slot = self.as_mut().project().slot;
-        if let SlotProj::After { .. } | SlotProj::At { .. } = slot.as_mut().project() {
-            slot.set(match deadline {
-                Some(deadline) => Slot::Armed {
-                    sleep: sleep_until(deadline),
-                },
-                None => Slot::Never,
+        if let SlotProj::At { deadline } = slot.as_mut().project() {
+            let deadline = *deadline;
+            if deadline <= Instant::now() {
+                return Poll::Ready(());
+            }
+            slot.set(Slot::Armed {
+                sleep: sleep_until(deadline),
             });
         }
         match slot.project() {
@@ -96,7 +84,7 @@ impl Timer {
 impl std::fmt::Debug for Timer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let slot = match self.slot {
-            Slot::After { .. } | Slot::At { .. } => "unarmed",
+            Slot::At { .. } => "unarmed",
             Slot::Never => "never",
             Slot::Armed { .. } => "armed",
         };
@@ -108,6 +96,8 @@ impl std::fmt::Debug for Timer {
 mod tests {
     use std::future::poll_fn;
 
+    use std::time::Duration;
+
     use super::*;
 
     fn noop_cx() -> Context<'static> {
@@ -115,12 +105,10 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn it_arms_at_the_first_poll_and_fires_at_the_limit() {
-        let mut timer = pin!(Timer::after(Duration::from_secs(1)));
-        assert!(!timer.is_armed());
-        tokio::time::advance(Duration::from_secs(5)).await;
-        // Measured from the first poll, not from when it was made.
+    async fn it_arms_at_the_first_poll_and_fires_at_the_deadline() {
         let start = Instant::now();
+        let mut timer = pin!(Timer::at(start + Duration::from_secs(1)));
+        assert!(!timer.is_armed());
         assert!(timer.as_mut().poll_expired(&mut noop_cx()).is_pending());
         assert!(timer.is_armed());
         poll_fn(|cx| timer.as_mut().poll_expired(cx)).await;
@@ -130,7 +118,6 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_limit_already_passed_is_ready_at_once_without_a_timer() {
         for mut timer in [
-            Box::pin(Timer::after(Duration::ZERO)),
             Box::pin(Timer::at(Instant::now())),
             Box::pin(Timer::at(Instant::now() - Duration::from_millis(1))),
         ] {
@@ -141,7 +128,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_limit_beyond_the_clock_never_fires_and_registers_nothing() {
-        let mut timer = pin!(Timer::after(Duration::MAX));
+        let mut timer = pin!(Timer::never());
         assert!(timer.as_mut().poll_expired(&mut noop_cx()).is_pending());
         assert!(!timer.is_armed());
         tokio::time::advance(Duration::from_secs(3600 * 24 * 365)).await;

@@ -42,9 +42,20 @@
 //! | `error.type` | at the end, for anything but a normal completion: [`Outcome::error_type`] |
 //! | `otel.status_code` | `ERROR` when [`Outcome::is_error`] |
 //! | `tower_timeouts.elapsed_ms` | at the end |
+//! | `rpc.system.name` (`grpc`), `rpc.method` (`package.Service/Method`) | at the start, for a gRPC request |
+//! | `rpc.response.status_code` | at the end, for a gRPC request whose status is known: the one its response carried (a status the crate generated, or the inner service's, in the head or the trailers), `CANCELLED` for a client that left |
+//! | `tower_timeouts.budget_ms` | at the start, when the request came with a deadline (`grpc-timeout`, or the configured header): what it said, before any margin or cap |
+//! | `tower_timeouts.budget_invalid` | at the start, when that header was malformed (and ignored): its value, cut to 32 characters |
+//!
+//! For a gRPC request, `otel.status_code` follows OpenTelemetry's gRPC rules when the status
+//! is known: on the request's span, `ERROR` for `UNKNOWN`, `DEADLINE_EXCEEDED`,
+//! `UNIMPLEMENTED`, `INTERNAL`, `UNAVAILABLE` and `DATA_LOSS` only (a client that cancelled is
+//! not the server's error); on an `upstream` span, for every code but `OK`.
+//! `http.response.status_code` is 200 when a trailers-only gRPC status was sent.
 //!
 //! The `upstream` span has `http.request.method`, `url.full`, `server.address`, `server.port`,
-//! `otel.kind = client`, and the same outcome fields, except that `http.response.status_code`
+//! `otel.kind = client`, the RPC fields and `tower_timeouts.budget_ms` (the deadline it was
+//! sent with), and the same outcome fields, except that `http.response.status_code`
 //! is the status the upstream sent, if it sent one. It emits no event.
 //!
 //! Tracing only records fields that were declared when the span was opened. If you make the
@@ -55,7 +66,9 @@ use http::Request;
 use tracing::field::Empty;
 use tracing::{Level, Span};
 
+use crate::grpc::GrpcCode;
 use crate::outcome::Outcome;
+use crate::record::{Budget, Report};
 
 /// `http.request.method`
 pub const HTTP_REQUEST_METHOD: &str = "http.request.method";
@@ -79,6 +92,21 @@ pub const TIMEOUT_MS: &str = "tower_timeouts.timeout_ms";
 pub const RECORDED_STATUS: &str = "tower_timeouts.recorded_status";
 /// `tower_timeouts.elapsed_ms`
 pub const ELAPSED_MS: &str = "tower_timeouts.elapsed_ms";
+
+/// `rpc.system.name`: `grpc`, on the span of a gRPC request.
+pub const RPC_SYSTEM_NAME: &str = "rpc.system.name";
+/// `rpc.method`: the fully-qualified method (`package.Service/Method`), on the span of a gRPC
+/// request.
+pub const RPC_METHOD: &str = "rpc.method";
+/// `rpc.response.status_code`: the gRPC status by name (`DEADLINE_EXCEEDED`), on the span of a
+/// gRPC request.
+pub const RPC_RESPONSE_STATUS_CODE: &str = "rpc.response.status_code";
+/// `tower_timeouts.budget_ms`: the deadline the request came with (`grpc-timeout` or the
+/// configured header), or, on an `upstream` span, the one it was sent with.
+pub const BUDGET_MS: &str = "tower_timeouts.budget_ms";
+/// `tower_timeouts.budget_invalid`: a malformed deadline header the request came with, which
+/// was ignored.
+pub const BUDGET_INVALID: &str = "tower_timeouts.budget_invalid";
 
 /// `url.full`, on the `upstream` span.
 pub const URL_FULL: &str = "url.full";
@@ -124,6 +152,11 @@ pub fn make_span<B>(request: &Request<B>) -> Span {
         { URL_PATH } = request.uri().path(),
         { USER_AGENT_ORIGINAL } = Empty,
         { OTEL_KIND } = "server",
+        { RPC_SYSTEM_NAME } = Empty,
+        { RPC_METHOD } = Empty,
+        { RPC_RESPONSE_STATUS_CODE } = Empty,
+        { BUDGET_MS } = Empty,
+        { BUDGET_INVALID } = Empty,
         { HTTP_RESPONSE_STATUS_CODE } = Empty,
         { ERROR_TYPE } = Empty,
         { OTEL_STATUS_CODE } = Empty,
@@ -139,8 +172,33 @@ pub fn make_span<B>(request: &Request<B>) -> Span {
                 String::from_utf8_lossy(agent.as_bytes()).as_ref(),
             );
         }
+        record_rpc(&span, request);
     }
     span
+}
+
+/// The RPC fields of a gRPC request.
+fn record_rpc<B>(span: &Span, request: &Request<B>) {
+    if crate::grpc::is_grpc(request.headers()) {
+        span.record(RPC_SYSTEM_NAME, "grpc");
+        span.record(RPC_METHOD, crate::grpc::rpc_method(request.uri().path()));
+    }
+}
+
+/// Records the deadline a request came with, or was sent with.
+pub(crate) fn record_budget(span: &Span, budget: Option<&Budget>) {
+    match budget {
+        None => {}
+        Some(_) if span.is_disabled() => {}
+        Some(Budget::Given(budget)) => {
+            span.record(BUDGET_MS, duration_ms_ceil(*budget));
+        }
+        Some(Budget::Invalid(value)) => {
+            let value = String::from_utf8_lossy(value.as_bytes());
+            let value: String = value.chars().take(32).collect();
+            span.record(BUDGET_INVALID, value.as_str());
+        }
+    }
 }
 
 /// Opens the span of a call a handler makes upstream (at INFO, named [`UPSTREAM_SPAN_NAME`],
@@ -163,6 +221,10 @@ pub(crate) fn make_upstream_span<B>(request: &Request<B>, parent: Option<&Span>)
                 { SERVER_ADDRESS } = uri.host(),
                 { SERVER_PORT } = port,
                 { OTEL_KIND } = "client",
+                { RPC_SYSTEM_NAME } = Empty,
+                { RPC_METHOD } = Empty,
+                { RPC_RESPONSE_STATUS_CODE } = Empty,
+                { BUDGET_MS } = Empty,
                 { HTTP_RESPONSE_STATUS_CODE } = Empty,
                 { ERROR_TYPE } = Empty,
                 { OTEL_STATUS_CODE } = Empty,
@@ -173,10 +235,14 @@ pub(crate) fn make_upstream_span<B>(request: &Request<B>, parent: Option<&Span>)
             )
         };
     }
-    match parent {
+    let span = match parent {
         Some(parent) => upstream_span!(parent: parent,),
         None => upstream_span!(),
+    };
+    if !span.is_disabled() {
+        record_rpc(&span, request);
     }
+    span
 }
 
 /// What the outcome event says of the request when the request span is off.
@@ -204,11 +270,13 @@ pub(crate) fn record_outcome(
     span: &Span,
     upstream: bool,
     level: Option<Level>,
-    outcome: &Outcome,
-    elapsed_ms: u64,
+    report: &Report<'_>,
     limit_ms: Option<u64>,
     request: Option<&RequestDetails>,
 ) {
+    let outcome = report.outcome();
+    let grpc_status = report.grpc_status();
+    let elapsed_ms = duration_ms(report.elapsed());
     let error_type = outcome.error_type();
     if !span.is_disabled() {
         span.record(OUTCOME, outcome.kind());
@@ -240,7 +308,17 @@ pub(crate) fn record_outcome(
         if let Some(error_type) = error_type {
             span.record(ERROR_TYPE, error_type);
         }
-        if outcome.is_error() {
+        if let Some(code) = grpc_status {
+            span.record(RPC_RESPONSE_STATUS_CODE, code.name());
+        }
+        // For gRPC, by its status: on a server, only the codes that are the server's fault
+        // (CANCELLED is not); on a client, every code but OK.
+        let is_error = match grpc_status {
+            Some(code) if upstream => code != GrpcCode::OK,
+            Some(code) => code.is_server_error(),
+            None => outcome.is_error(),
+        };
+        if is_error {
             span.record(OTEL_STATUS_CODE, "ERROR");
         }
     }
@@ -261,6 +339,7 @@ pub(crate) fn record_outcome(
                 { OUTCOME } = outcome.kind(),
                 { ERROR_TYPE } = error_type,
                 { RECORDED_STATUS } = recorded_status,
+                { RPC_RESPONSE_STATUS_CODE } = grpc_status.map(GrpcCode::name),
                 { ELAPSED_MS } = elapsed_ms,
                 { HTTP_REQUEST_METHOD } = method,
                 { URL_PATH } = path,
@@ -281,4 +360,9 @@ pub(crate) fn record_outcome(
 
 pub(crate) fn duration_ms(duration: std::time::Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `duration` in whole milliseconds, rounded up (a budget of 0.4 ms is not "0 ms").
+pub(crate) fn duration_ms_ceil(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
 }

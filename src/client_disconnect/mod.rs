@@ -174,9 +174,8 @@ impl<S> ClientDisconnect<S> {
             gone = Some(signal);
         }
         let joining = Joining {
-            role: Role::Server,
-            limit: None,
             watches_disconnects: true,
+            ..Joining::new(Role::Server)
         };
         let share = self.config.recorder.start(&mut request, joining);
         let _calling = share.calling();

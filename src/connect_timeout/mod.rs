@@ -24,6 +24,10 @@
 //!   handshakes.
 //! - It times the **whole** connector: name resolution, TCP, TLS, whatever the inner
 //!   connector does before it yields a connection.
+//! - When the connector is called for an upstream call made through a
+//!   [`PropagateDeadlineLayer`](crate::PropagateDeadlineLayer) (hyper-util's client connects
+//!   as the call is polled), the limit is what is left of the call's deadline if that is
+//!   shorter; see [`propagate`](crate::propagate).
 //! - Errors are boxed (`tower::BoxError` style): a timeout is a [`ConnectTimeoutError`], any
 //!   other error is the inner one, boxed. Find either by walking `source()` from the client's
 //!   error; [`UpstreamFailureLayer`](crate::UpstreamFailureLayer) does that for you.
@@ -162,8 +166,16 @@ where
             .with_address
             .then(|| uri.authority().map(|authority| authority.to_string()))
             .flatten();
+        // Shortened to the deadline of the upstream call, when a `PropagateDeadline` makes it.
+        let timeout = match crate::deadline::call_instant() {
+            Some(deadline) => self
+                .config
+                .timeout
+                .min(deadline.saturating_duration_since(tokio::time::Instant::now())),
+            None => self.config.timeout,
+        };
         let inner = span.in_scope(|| self.inner.call(uri));
-        ConnectFuture::new(inner, self.config.timeout, address, span)
+        ConnectFuture::new(inner, timeout, address, span)
     }
 }
 

@@ -14,17 +14,18 @@
 
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
-use http::{Method, Request, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 use tokio::time::Instant;
 use tracing::{Level, Span};
 
 use super::extent::{self, Extent};
 use super::stage::Stage;
 use super::{OnOutcome, Recorder, Report};
+use crate::grpc::{GrpcCode, GRPC_STATUS};
 use crate::outcome::Outcome;
 use crate::trace;
 
@@ -54,8 +55,15 @@ pub(crate) struct Exchange {
     limit_ms: AtomicU64,
     /// Whether a layer on the request watches for clients that leave.
     watches_disconnects: AtomicBool,
+    /// Whether the request is gRPC.
+    grpc: bool,
+    /// The gRPC status the response carried (in its head, or its trailers), when one passed:
+    /// `NO_CODE` until then.
+    grpc_code: AtomicU16,
     stage: Mutex<Stage>,
 }
+
+const NO_CODE: u16 = u16::MAX;
 
 impl fmt::Debug for Exchange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -72,12 +80,35 @@ impl fmt::Debug for Exchange {
 struct Handle(Weak<Exchange>);
 
 /// What a layer brings to a request's exchange.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Joining {
     pub(crate) role: Role,
     /// The limit the layer applies to the request.
     pub(crate) limit: Option<Duration>,
     pub(crate) watches_disconnects: bool,
+    /// The deadline the request came with (on a server), or was sent with (an upstream call).
+    pub(crate) budget: Option<Budget>,
+}
+
+/// A deadline a request carries in a header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Budget {
+    /// A valid one.
+    Given(Duration),
+    /// A malformed one, ignored: the header's value.
+    Invalid(HeaderValue),
+}
+
+impl Joining {
+    /// What a layer with none of the optional parts brings.
+    pub(crate) const fn new(role: Role) -> Self {
+        Joining {
+            role,
+            limit: None,
+            watches_disconnects: false,
+            budget: None,
+        }
+    }
 }
 
 /// Whether anything at all could see a recording: a hook configured anywhere in the process,
@@ -113,7 +144,7 @@ impl Exchange {
                 Some(server.span.clone())
             }
             Some(exchange) => {
-                exchange.join(recorder, joining);
+                exchange.join(recorder, &joining);
                 return None;
             }
             None => None,
@@ -124,7 +155,7 @@ impl Exchange {
             Extent::Calling | Extent::Polling => Role::Client,
             _ => joining.role,
         };
-        let exchange = Arc::new(Exchange::open(recorder, request, role, parent, joining));
+        let exchange = Arc::new(Exchange::open(recorder, request, role, parent, &joining));
         request
             .extensions_mut()
             .insert(Handle(Arc::downgrade(&exchange)));
@@ -137,7 +168,7 @@ impl Exchange {
         request: &Request<B>,
         role: Role,
         parent: Option<Span>,
-        joining: Joining,
+        joining: &Joining,
     ) -> Self {
         let level = (role == Role::Server
             && tracing::level_filters::LevelFilter::current() >= recorder.level)
@@ -155,8 +186,11 @@ impl Exchange {
         if let Some(own) = &recorder.hook {
             let _ = hook.set(own.clone());
         }
+        trace::record_budget(&span, joining.budget.as_ref());
         Exchange {
             role,
+            grpc: crate::grpc::is_grpc(request.headers()),
+            grpc_code: AtomicU16::new(NO_CODE),
             start: Instant::now(),
             method: request.method().clone(),
             // The event names the request itself only when the span that would is off.
@@ -171,7 +205,8 @@ impl Exchange {
         }
     }
 
-    fn join(&self, recorder: &Recorder, joining: Joining) {
+    fn join(&self, recorder: &Recorder, joining: &Joining) {
+        trace::record_budget(&self.span, joining.budget.as_ref());
         if let Some(hook) = &recorder.hook {
             // The outermost layer's hook stays; a later one is set only if there was none.
             let _ = self.hook.set(hook.clone());
@@ -212,12 +247,43 @@ impl Exchange {
     }
 
     /// The head passed the recording layer: records it, or, when the body `may_follow` and a
-    /// layer on the request watches for clients leaving during it, waits for the end of the
-    /// body. Returns whether the body is to be followed.
-    pub(crate) fn head(&self, outcome: Outcome, may_follow: bool) -> bool {
-        let follow = may_follow && self.watches_disconnects();
+    /// layer on the request watches for clients leaving during it (or the request is gRPC and
+    /// its status is yet to come, in the trailers), waits for the end of the body. Returns
+    /// whether the body is to be followed.
+    pub(crate) fn head(&self, outcome: Outcome, headers: &HeaderMap, may_follow: bool) -> bool {
+        let status_to_come = self.grpc && !self.grpc_status_in(headers);
+        let follow = may_follow && (self.watches_disconnects() || status_to_come);
         self.step(|stage| stage.head(outcome, follow));
         follow
+    }
+
+    /// Takes the gRPC status in `headers` (a head or trailers), if the request is gRPC and
+    /// they carry one; returns whether they did.
+    pub(crate) fn grpc_status_in(&self, headers: &HeaderMap) -> bool {
+        if !self.grpc {
+            return false;
+        }
+        match headers.get(GRPC_STATUS).and_then(GrpcCode::from_header) {
+            Some(code) => {
+                self.grpc_code
+                    .store(u16::from(code.as_u8()), Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The request's gRPC status, for a gRPC request: the one its response carried, or
+    /// CANCELLED for a client that left.
+    fn grpc_status(&self, outcome: &Outcome) -> Option<GrpcCode> {
+        if !self.grpc {
+            return None;
+        }
+        match self.grpc_code.load(Ordering::Relaxed) {
+            _ if matches!(outcome, Outcome::ClientDisconnected { .. }) => Some(GrpcCode::CANCELLED),
+            NO_CODE => None,
+            code => u8::try_from(code).ok().map(GrpcCode::from_u8),
+        }
     }
 
     /// What the recording layer followed was dropped before its end, for `reason`.
@@ -229,21 +295,22 @@ impl Exchange {
     fn record(&self, outcome: &Outcome) {
         let elapsed = self.start.elapsed();
         let limit_ms = self.limit_ms.load(Ordering::Relaxed);
+        let grpc_status = self.grpc_status(outcome);
+        let report = Report {
+            outcome,
+            method: &self.method,
+            elapsed,
+            grpc_status,
+        };
         trace::record_outcome(
             &self.span,
             self.role == Role::Client,
             self.level,
-            outcome,
-            trace::duration_ms(elapsed),
+            &report,
             (limit_ms != u64::MAX).then_some(limit_ms),
             self.details.as_deref(),
         );
         if let Some(hook) = self.hook.get() {
-            let report = Report {
-                outcome,
-                method: &self.method,
-                elapsed,
-            };
             if catch_unwind(AssertUnwindSafe(|| hook.on_outcome(&report))).is_err() {
                 tracing::error!(parent: &self.span, "tower-timeouts: the on_outcome hook panicked");
             }

@@ -249,7 +249,9 @@ impl Finished {
         // A generated response is its outcome: its body is not followed, and a client that
         // leaves while it goes out does not change that.
         let generated = response.extensions().get::<Generated>().is_some();
-        let owner = owner.filter(|exchange| exchange.head(head_outcome(response), !generated));
+        let owner = owner.filter(|exchange| {
+            exchange.head(head_outcome(response), response.headers(), !generated)
+        });
         let gone = gone.filter(|_| !generated);
         let is_head = match (&owner, &gone) {
             (Some(exchange), _) => exchange.is_head_request(),

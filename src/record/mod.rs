@@ -104,10 +104,11 @@ use std::time::Duration;
 
 use http::Method;
 
+use crate::grpc::GrpcCode;
 use crate::outcome::Outcome;
 use tracing::Level;
 
-pub(crate) use self::exchange::{Joining, Role};
+pub(crate) use self::exchange::{Budget, Joining, Role};
 pub(crate) use self::guard::{nothing_can_see, Followed, Guarded, Share};
 pub(crate) use self::tail::{poll_followed, Tail};
 
@@ -118,6 +119,7 @@ pub struct Report<'a> {
     outcome: &'a Outcome,
     method: &'a Method,
     elapsed: Duration,
+    grpc_status: Option<GrpcCode>,
 }
 
 impl<'a> Report<'a> {
@@ -136,6 +138,14 @@ impl<'a> Report<'a> {
     /// the request, to the response head otherwise.
     pub fn elapsed(&self) -> Duration {
         self.elapsed
+    }
+
+    /// For a gRPC request, its gRPC status: the one its response carried (a trailers-only
+    /// status the crate generated, or the inner service's, in its head or its trailers), or
+    /// `CANCELLED` for a client that left. `None` for any other request, and when no status
+    /// passed (the body was not followed to its trailers, a failure before the head).
+    pub fn grpc_status(&self) -> Option<GrpcCode> {
+        self.grpc_status
     }
 }
 

@@ -109,6 +109,8 @@ impl Tail {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     progress.bytes += data.remaining() as u64;
+                } else if let (Some(trailers), Some(owner)) = (frame.trailers_ref(), &self.owner) {
+                    owner.grpc_status_in(trailers);
                 }
                 progress.complete = body.is_end_stream()
                     || progress.expected.is_some_and(|size| progress.bytes >= size);

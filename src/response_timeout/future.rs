@@ -3,9 +3,12 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use http::{Response, StatusCode};
+use http::{HeaderValue, Response, StatusCode};
 use pin_project_lite::pin_project;
+use tokio::time::Instant;
 
+use super::{Config, Limit};
+use crate::deadline;
 use crate::outcome::Outcome;
 use crate::record::{Guarded, Share};
 use crate::response::{ResponseBody, ResponseConfig};
@@ -18,9 +21,13 @@ pin_project! {
         inner: Guarded<F>,
         #[pin]
         timer: Timer,
+        // The deadline, in force while the inner future is polled.
+        deadline: Option<Instant>,
         // The limit, as reported.
         timeout: Duration,
         status: StatusCode,
+        // The request's content-type, when it is gRPC.
+        grpc: Option<HeaderValue>,
         responses: ResponseConfig,
     }
 }
@@ -37,20 +44,18 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
 
 impl<F> ResponseFuture<F> {
     #[inline(always)]
-    pub(super) fn new(
-        inner: F,
-        share: Share,
-        timer: Timer,
-        timeout: Duration,
-        status: StatusCode,
-        responses: ResponseConfig,
-    ) -> Self {
+    pub(super) fn new(inner: F, share: Share, limit: Limit, config: &Config) -> Self {
         ResponseFuture {
             inner: Guarded::new(inner, share),
-            timer,
-            timeout,
-            status,
-            responses,
+            timer: match limit.deadline {
+                Some(deadline) => Timer::at(deadline),
+                None => Timer::never(),
+            },
+            deadline: limit.deadline,
+            timeout: limit.timeout,
+            status: config.status,
+            grpc: limit.grpc,
+            responses: config.responses.clone(),
         }
     }
 }
@@ -76,7 +81,10 @@ where
         let mut this = self.project();
         // The inner future first: a response that is ready wins a tie with the timer, and a
         // response ready at its first poll never touches the clock.
-        let polled = this.inner.as_mut().poll(cx);
+        let polled = {
+            let _scope = deadline::enter(*this.deadline);
+            this.inner.as_mut().poll(cx)
+        };
         if polled.is_ready() {
             let finished = this.inner.finish();
             // The response is mapped where it is (no binding to move it into), and in each
@@ -90,6 +98,7 @@ where
         ready!(this.timer.poll_expired(cx));
         let finished = this.inner.finish();
         let outcome = Outcome::response_timeout(*this.timeout, *this.status);
-        Poll::Ready(finished.respond(Ok(this.responses.generate(outcome)), None))
+        let response = this.responses.generate(outcome, this.grpc.as_ref());
+        Poll::Ready(finished.respond(Ok(response), None))
     }
 }

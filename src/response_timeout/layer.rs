@@ -1,9 +1,10 @@
 use std::time::Duration;
 
+use http::header::HeaderName;
 use http::StatusCode;
 use tower_layer::Layer;
 
-use super::{Config, ResponseTimeout};
+use super::{Config, Incoming, ResponseTimeout};
 use crate::record::Recorder;
 use crate::response::ResponseConfig;
 
@@ -35,8 +36,37 @@ impl ResponseTimeoutLayer {
                 status: StatusCode::GATEWAY_TIMEOUT,
                 responses: ResponseConfig::new(),
                 recorder: Recorder::new(),
+                incoming: Incoming {
+                    grpc_timeout: true,
+                    header: None,
+                    margin: Duration::ZERO,
+                },
             },
         }
+    }
+
+    /// Ignores the `grpc-timeout` of gRPC requests (honoured by default: it shortens the
+    /// request's limit, never lengthens it). See [`deadline`](crate::deadline).
+    pub fn ignore_grpc_timeout(mut self) -> Self {
+        self.config.incoming.grpc_timeout = false;
+        self
+    }
+
+    /// Honours a deadline the caller sends in `header`, in milliseconds (1 to 8 digits,
+    /// nothing else), as `grpc-timeout` is honoured on gRPC requests. Off by default: accept it
+    /// only from callers you would let cancel their own requests (see
+    /// [`deadline`](crate::deadline#where-a-requests-deadline-comes-from)).
+    pub fn deadline_header(mut self, header: HeaderName) -> Self {
+        self.config.incoming.header = Some(header);
+        self
+    }
+
+    /// Takes `margin` off the deadline a caller sends (default zero), so that this service
+    /// gives up, and answers, a little before the caller does: Envoy's
+    /// `grpc_timeout_header_offset`. A deadline shorter than the margin times out at once.
+    pub fn deadline_margin(mut self, margin: Duration) -> Self {
+        self.config.incoming.margin = margin;
+        self
     }
 
     /// Answers a timeout with `status` instead of 504.

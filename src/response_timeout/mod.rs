@@ -56,14 +56,16 @@ pub use self::layer::ResponseTimeoutLayer;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
+use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::deadline::Deadline;
-use crate::record::{nothing_can_see, Joining, Recorder, Role, Share};
+use crate::deadline::{self, Deadline};
+use crate::grpc;
+use crate::record::{nothing_can_see, Budget, Joining, Recorder, Role, Share};
 use crate::response::{ResponseBody, ResponseConfig};
-use crate::timer::Timer;
 
 /// A layer's configuration: the layer holds it and each of its services a clone, cheap to
 /// make (what a clone would copy at length, such as a hook, is behind an `Arc` inside).
@@ -73,6 +75,15 @@ pub(crate) struct Config {
     pub(crate) status: StatusCode,
     pub(crate) responses: ResponseConfig,
     pub(crate) recorder: Recorder,
+    pub(crate) incoming: Incoming,
+}
+
+/// Which deadlines a caller may send, and the margin taken off them.
+#[derive(Clone, Debug)]
+pub(crate) struct Incoming {
+    pub(crate) grpc_timeout: bool,
+    pub(crate) header: Option<HeaderName>,
+    pub(crate) margin: Duration,
 }
 
 /// Answers with a generated response when the inner service does not respond in time.
@@ -121,56 +132,129 @@ where
     }
 
     #[inline]
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        // Apart from the path where nothing can see a recording, which takes no reference to
-        // the request: it is handed on without a copy.
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        let limit = self.limit(&mut request);
+        // Apart from the path where nothing can see a recording, which takes no further
+        // reference to the request: it is handed on without a copy.
         if !nothing_can_see() {
-            return self.call_recorded(request);
+            return self.call_recorded(request, limit);
         }
-        let (timeout, timer) = self.limit(&request);
-        ResponseFuture::new(
-            self.inner.call(request),
-            Share::none(),
-            timer,
-            timeout,
-            self.config.status,
-            self.config.responses.clone(),
-        )
+        let inner = {
+            let _scope = deadline::enter(limit.deadline);
+            self.inner.call(request)
+        };
+        ResponseFuture::new(inner, Share::none(), limit, &self.config)
     }
 }
 
+/// A request's limit, as a layer works it out at `call`.
+#[derive(Debug)]
+pub(super) struct Limit {
+    /// When it fires: `None` beyond the clock's range.
+    pub(super) deadline: Option<Instant>,
+    /// The limit as reported: the time from `call` to the deadline.
+    pub(super) timeout: Duration,
+    /// The deadline the request came with, if it had a header for one.
+    budget: Option<Budget>,
+    /// The request's `content-type`, when it is gRPC (and gets gRPC answers).
+    pub(super) grpc: Option<HeaderValue>,
+}
+
 impl<S> ResponseTimeout<S> {
-    /// The limit of `request` (as reported, and its timer): its [`Deadline`], or the layer's.
+    /// The limit of `request`: the earliest of the layer's own limit (or the [`Deadline`] a
+    /// user put into the request, in its place), the caller's deadline, and the deadline in
+    /// force that a layer put into the request (an outer layer's that honoured the caller's
+    /// deadline, a [`PropagateDeadline`](crate::PropagateDeadline)'s). A caller's deadline
+    /// goes into the request's extensions, as the deadline in force.
     #[inline(always)]
-    fn limit<B>(&self, request: &Request<B>) -> (Duration, Timer) {
-        match request.extensions().get::<Deadline>() {
-            Some(deadline) => deadline.timer(),
-            None => (self.config.timeout, Timer::after(self.config.timeout)),
+    fn limit<B>(&self, request: &mut Request<B>) -> Limit {
+        let now = Instant::now();
+        let config = &self.config;
+        let given = request.extensions().get::<Deadline>().copied();
+        // The layer's own limit, or a user's deadline in its place.
+        let mut deadline = match given {
+            Some(given) if given.in_force_parts().is_none() => given.instant_from(now),
+            _ => now.checked_add(config.timeout),
+        };
+        let mut timeout = match deadline {
+            Some(deadline) => deadline.saturating_duration_since(now),
+            None => Duration::MAX,
+        };
+        // Capped by the deadline in force that a layer put into the request, reported as the
+        // limit it stands for.
+        let mut cap = |at: Instant, limit: Duration| {
+            if deadline.is_none_or(|deadline| at < deadline) {
+                deadline = Some(at);
+                timeout = limit;
+            }
+        };
+        if let Some((at, limit)) = given.and_then(|given| given.in_force_parts()) {
+            cap(at, limit);
         }
+        let content_type = grpc::grpc_content_type(request.headers());
+        let budget = self.budget(request, content_type.is_some());
+        let grpc = content_type
+            .filter(|_| config.responses.answers_grpc())
+            .cloned();
+        if let Some(Budget::Given(budget)) = &budget {
+            let limit = budget.saturating_sub(config.incoming.margin);
+            cap(now.checked_add(limit).unwrap_or(now), limit);
+            if let Some(deadline) = deadline {
+                request
+                    .extensions_mut()
+                    .insert(Deadline::in_force(deadline, timeout));
+            }
+        }
+        Limit {
+            deadline,
+            timeout,
+            budget,
+            grpc,
+        }
+    }
+
+    /// The deadline `request` came with: `grpc-timeout` for a gRPC request, or the configured
+    /// header.
+    #[inline(always)]
+    fn budget<B>(&self, request: &Request<B>, is_grpc: bool) -> Option<Budget> {
+        let incoming = &self.config.incoming;
+        let headers = request.headers();
+        let parsed = if is_grpc && incoming.grpc_timeout {
+            let value = headers.get(grpc::GRPC_TIMEOUT)?;
+            (value, grpc::parse_timeout(value.as_bytes()).ok())
+        } else {
+            let value = headers.get(incoming.header.as_ref()?)?;
+            (value, deadline::parse_millis(value.as_bytes()))
+        };
+        Some(match parsed {
+            (_, Some(budget)) => Budget::Given(budget),
+            (value, None) => Budget::Invalid(value.clone()),
+        })
     }
 
     /// [`Service::call`] when something can see a recording.
     #[inline(never)]
-    fn call_recorded<ReqBody>(&mut self, mut request: Request<ReqBody>) -> ResponseFuture<S::Future>
+    fn call_recorded<ReqBody>(
+        &mut self,
+        mut request: Request<ReqBody>,
+        mut limit: Limit,
+    ) -> ResponseFuture<S::Future>
     where
         S: Service<Request<ReqBody>>,
     {
-        let (timeout, timer) = self.limit(&request);
         let joining = Joining {
             role: Role::Server,
-            limit: Some(timeout),
+            limit: Some(limit.timeout),
             watches_disconnects: false,
+            budget: limit.budget.take(),
         };
         let share = self.config.recorder.start(&mut request, joining);
-        let _calling = share.calling();
-        ResponseFuture::new(
-            self.inner.call(request),
-            share,
-            timer,
-            timeout,
-            self.config.status,
-            self.config.responses.clone(),
-        )
+        let inner = {
+            let _calling = share.calling();
+            let _scope = deadline::enter(limit.deadline);
+            self.inner.call(request)
+        };
+        ResponseFuture::new(inner, share, limit, &self.config)
     }
 }
 

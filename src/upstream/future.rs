@@ -3,7 +3,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use http::Response;
+use http::{HeaderValue, Response};
 use pin_project_lite::pin_project;
 
 use super::classify::classify;
@@ -17,6 +17,8 @@ pin_project! {
         #[pin]
         inner: Guarded<Call<F>>,
         answers: Answers,
+        // The request's content-type, when it is gRPC.
+        grpc: Option<HeaderValue>,
     }
 }
 
@@ -56,10 +58,16 @@ impl<F> std::fmt::Debug for UpstreamFuture<F> {
 }
 
 impl<F> UpstreamFuture<F> {
-    pub(super) fn new(call: Call<F>, share: Share, answers: Answers) -> Self {
+    pub(super) fn new(
+        call: Call<F>,
+        share: Share,
+        answers: Answers,
+        grpc: Option<HeaderValue>,
+    ) -> Self {
         UpstreamFuture {
             inner: Guarded::new(call, share),
             answers,
+            grpc,
         }
     }
 }
@@ -80,10 +88,11 @@ where
             Err(error) => {
                 let outcome = classify(&*error, &this.answers.statuses);
                 let details = this.answers.details.then(|| innermost(&*error).to_string());
-                Ok(this
-                    .answers
-                    .responses
-                    .generate_with_details(outcome, details.as_deref()))
+                Ok(this.answers.responses.generate_with_details(
+                    outcome,
+                    details.as_deref(),
+                    this.grpc.as_ref(),
+                ))
             }
         };
         Poll::Ready(this.inner.finish().respond(response, None))

@@ -235,12 +235,11 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        let joining = Joining {
-            role: Role::Client,
-            limit: None,
-            watches_disconnects: false,
-        };
-        let share = self.config.recorder.start(&mut request, joining);
+        let grpc = self.config.answers.responses.grpc_of(request.headers());
+        let share = self
+            .config
+            .recorder
+            .start(&mut request, Joining::new(Role::Client));
         let _calling = share.calling();
         // An error of `poll_ready` is answered at the first poll.
         let call = match self.not_ready.take() {
@@ -249,6 +248,6 @@ where
                 future: self.inner.call(request),
             },
         };
-        UpstreamFuture::new(call, share, self.config.answers.clone())
+        UpstreamFuture::new(call, share, self.config.answers.clone(), grpc)
     }
 }
