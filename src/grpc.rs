@@ -363,6 +363,103 @@ mod tests {
         assert_eq!(encode_timeout(Duration::MAX), "99999999H");
     }
 
+    /// A small, seeded generator: the same inputs on every run.
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// The spec's grammar, written apart from the parser: `TimeoutValue TimeoutUnit`, with
+    /// `TimeoutValue → {positive integer as ASCII string of at most 8 digits}`.
+    fn oracle(value: &[u8]) -> Option<Duration> {
+        let text = std::str::from_utf8(value).ok()?;
+        let unit = text.chars().last()?;
+        let digits = &text[..text.len() - unit.len_utf8()];
+        if !(1..=8).contains(&digits.len()) || !digits.chars().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        let n: u64 = digits.parse().ok()?;
+        let per_unit = match unit {
+            'H' => Duration::from_secs(3600),
+            'M' => Duration::from_secs(60),
+            'S' => Duration::from_secs(1),
+            'm' => Duration::from_millis(1),
+            'u' => Duration::from_micros(1),
+            'n' => Duration::from_nanos(1),
+            _ => return None,
+        };
+        Some(per_unit * u32::try_from(n).ok()?)
+    }
+
+    /// A million inputs, most of them near the grammar (digits, units, signs, spaces, dots,
+    /// other letters, high bytes), some of them random bytes: the parser never panics and
+    /// agrees with the oracle on every one.
+    #[test]
+    fn a_million_inputs_parse_as_the_grammar_says_without_a_panic() {
+        const ALPHABET: &[u8] =
+            b"0123456789012345678901234567890123456789HMSmun+- .xsh\xc3\xa9\x00\xff";
+        let mut random = XorShift(0x9e37_79b9_7f4a_7c15);
+        let mut accepted = 0;
+        for _ in 0..1_000_000 {
+            let len = random.below(12) as usize;
+            let value: Vec<u8> = (0..len)
+                .map(|_| match random.below(10) {
+                    0 => random.next() as u8,
+                    _ => ALPHABET[random.below(ALPHABET.len() as u64) as usize],
+                })
+                .collect();
+            let parsed = parse_timeout(&value).ok();
+            assert_eq!(parsed, oracle(&value), "{value:?}");
+            accepted += usize::from(parsed.is_some());
+        }
+        // The inputs cover both sides of the grammar.
+        assert!(accepted > 10_000, "only {accepted} valid inputs");
+    }
+
+    /// Encoding then parsing gives the value back, rounded up to the unit it was sent in: never
+    /// less than it, and less than one unit more.
+    #[test]
+    fn encode_then_parse_gives_the_value_back_rounded_up() {
+        let mut random = XorShift(0x2545_f491_4f6c_dd1d);
+        for i in 0..1_000_000u64 {
+            // Every scale, from nanoseconds to beyond what 8 digits of hours hold.
+            let timeout = Duration::from_nanos(random.next() >> random.below(64))
+                + Duration::from_secs(if i % 1000 == 0 {
+                    random.next() >> 20
+                } else {
+                    0
+                });
+            let value = encode_timeout(timeout);
+            let bytes = value.as_bytes();
+            assert!(bytes.len() <= 9, "{value:?}");
+            let parsed = parse_timeout(bytes).expect("what is encoded parses");
+            let unit = match bytes[bytes.len() - 1] {
+                b'n' => Duration::from_nanos(1),
+                b'u' => Duration::from_micros(1),
+                b'm' => Duration::from_millis(1),
+                b'S' => Duration::from_secs(1),
+                b'M' => Duration::from_secs(60),
+                _ => Duration::from_secs(3600),
+            };
+            if value == "99999999H" {
+                assert!(timeout >= parsed - unit, "{timeout:?} as {value:?}");
+                continue;
+            }
+            assert!(parsed >= timeout, "{timeout:?} as {value:?}");
+            assert!(parsed - timeout < unit, "{timeout:?} as {value:?}");
+        }
+    }
+
     #[test]
     fn messages_are_percent_encoded() {
         assert_eq!(encode_message("a b:c"), "a b:c");

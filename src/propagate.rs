@@ -377,3 +377,179 @@ where
         Poll::Ready(this.inner.finish().respond(result, None))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use http::{HeaderMap, Request, Response};
+    use tower::{service_fn, ServiceExt};
+
+    use super::*;
+    use crate::response::Generated;
+
+    /// An upstream that answers at once with the headers it got, and what it saw in force.
+    fn echo(
+        calls: Arc<AtomicUsize>,
+    ) -> impl Service<
+        Request<()>,
+        Response = Response<String>,
+        Error = Infallible,
+        Future = impl Future<Output = Result<Response<String>, Infallible>>,
+    > + Clone {
+        service_fn(move |request: Request<()>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let headers: HeaderMap = request.headers().clone();
+            let extension = request
+                .extensions()
+                .get::<Deadline>()
+                .map(Deadline::remaining);
+            let call = deadline::call_instant().map(|at| at - Instant::now());
+            async move {
+                let mut response = Response::new(format!("{extension:?} {call:?}"));
+                *response.headers_mut() = headers;
+                Ok::<_, Infallible>(response)
+            }
+        })
+    }
+
+    fn grpc() -> Request<()> {
+        let mut request = Request::new(());
+        request.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        request
+    }
+
+    async fn text(response: Response<ResponseBody<String>>) -> String {
+        use http_body_util::BodyExt;
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_is_left_less_the_margin_goes_downstream() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = PropagateDeadlineLayer::new().margin(Duration::from_millis(100));
+        let _scope = deadline::enter(Some(Instant::now() + Duration::from_secs(1)));
+        let response = layer
+            .layer(echo(calls.clone()))
+            .oneshot(grpc())
+            .await
+            .unwrap();
+        assert_eq!(response.headers()["grpc-timeout"], "900000u");
+        // In the extensions for a ResponseTimeout inside, and in force for a connector.
+        assert_eq!(text(response).await, "Some(900ms) Some(900ms)");
+        // Plain HTTP: only with a header named.
+        let response = layer
+            .layer(echo(calls.clone()))
+            .oneshot(Request::new(()))
+            .await
+            .unwrap();
+        assert!(response.headers().is_empty());
+        let named = layer.header(http::HeaderName::from_static("x-deadline-ms"));
+        let response = named
+            .layer(echo(calls.clone()))
+            .oneshot(Request::new(()))
+            .await
+            .unwrap();
+        assert_eq!(response.headers()["x-deadline-ms"], "900");
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_forwarded_deadline_counts_and_an_earlier_timeout_is_kept() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = PropagateDeadlineLayer::new().margin(Duration::ZERO);
+        // A gateway forwards the incoming request: its deadline in force and its stale
+        // grpc-timeout (the whole budget it came with) go with it.
+        let mut forwarded = grpc();
+        forwarded.extensions_mut().insert(Deadline::in_force(
+            Instant::now() + Duration::from_millis(400),
+            Duration::from_millis(400),
+        ));
+        forwarded
+            .headers_mut()
+            .insert(grpc::GRPC_TIMEOUT, HeaderValue::from_static("1S"));
+        let response = layer
+            .layer(echo(calls.clone()))
+            .oneshot(forwarded)
+            .await
+            .unwrap();
+        assert_eq!(response.headers()["grpc-timeout"], "400000u");
+        // A request made with a shorter timeout of its own keeps it.
+        let _scope = deadline::enter(Some(Instant::now() + Duration::from_secs(5)));
+        let mut own = grpc();
+        own.headers_mut()
+            .insert(grpc::GRPC_TIMEOUT, HeaderValue::from_static("20m"));
+        let response = layer.layer(echo(calls)).oneshot(own).await.unwrap();
+        assert_eq!(response.headers()["grpc-timeout"], "20m");
+        assert_eq!(text(response).await, "Some(20ms) Some(20ms)");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_nothing_left_it_answers_at_once_and_sends_nothing() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = PropagateDeadlineLayer::new();
+        // 5 ms left, less than the 10 ms margin.
+        let _scope = deadline::enter(Some(Instant::now() + Duration::from_millis(5)));
+        let response = layer
+            .layer(echo(calls.clone()))
+            .oneshot(grpc())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["grpc-status"], "4");
+        let outcome = response.extensions().get::<Generated>().unwrap().outcome();
+        assert_eq!(outcome, &Outcome::deadline_exceeded(StatusCode::OK));
+        let response = layer
+            .layer(echo(calls.clone()))
+            .oneshot(Request::new(()))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(
+            response.headers()[crate::response::PROXY_STATUS],
+            "tower-timeouts; error=http_response_timeout"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_no_deadline_anywhere_the_request_passes_untouched() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let response = PropagateDeadlineLayer::new()
+            .layer(echo(calls))
+            .oneshot(grpc())
+            .await
+            .unwrap();
+        assert!(!response.headers().contains_key("grpc-timeout"));
+        assert_eq!(text(response).await, "None None");
+    }
+
+    /// A `ResponseTimeout` inside gives up at the deadline passed on, and reports it as its
+    /// limit.
+    #[tokio::test(start_paused = true)]
+    async fn a_response_timeout_inside_is_shortened() {
+        let slow = service_fn(|_: Request<()>| async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok::<_, Infallible>(Response::new(String::new()))
+        });
+        let client = tower::ServiceBuilder::new()
+            .layer(PropagateDeadlineLayer::new().margin(Duration::ZERO))
+            .layer(crate::ResponseTimeoutLayer::new(Duration::from_secs(10)))
+            .service(slow);
+        let _scope = deadline::enter(Some(Instant::now() + Duration::from_millis(250)));
+        let start = Instant::now();
+        let response = client.oneshot(Request::new(())).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_millis(250));
+        let outcome = response.extensions().get::<Generated>().unwrap().outcome();
+        assert_eq!(
+            outcome,
+            &Outcome::response_timeout(Duration::from_millis(250), StatusCode::GATEWAY_TIMEOUT)
+        );
+    }
+}

@@ -8,6 +8,10 @@ use super::{Config, Incoming, ResponseTimeout};
 use crate::record::Recorder;
 use crate::response::ResponseConfig;
 
+/// The margin taken off a caller's deadline unless configured otherwise: see
+/// [`ResponseTimeoutLayer::deadline_margin`].
+pub const DEFAULT_DEADLINE_MARGIN: Duration = Duration::from_millis(10);
+
 /// Applies [`ResponseTimeout`] to a service: answers 504 Gateway Timeout when the response does
 /// not arrive within the limit.
 ///
@@ -39,7 +43,7 @@ impl ResponseTimeoutLayer {
                 incoming: Incoming {
                     grpc_timeout: true,
                     header: None,
-                    margin: Duration::ZERO,
+                    margin: DEFAULT_DEADLINE_MARGIN,
                 },
             },
         }
@@ -61,9 +65,17 @@ impl ResponseTimeoutLayer {
         self
     }
 
-    /// Takes `margin` off the deadline a caller sends (default zero), so that this service
-    /// gives up, and answers, a little before the caller does: Envoy's
-    /// `grpc_timeout_header_offset`. A deadline shorter than the margin times out at once.
+    /// Takes `margin` off the deadline a caller sends (default
+    /// [10 ms](DEFAULT_DEADLINE_MARGIN)), so that this service gives up, and its answer
+    /// arrives, a little before the caller gives up: Envoy's `grpc_timeout_header_offset`. A
+    /// deadline shorter than the margin times out at once.
+    ///
+    /// Not zero by default because tonic enforces `grpc-timeout` itself, at the very deadline,
+    /// on both sides: its client gives up with `CANCELLED` "Timeout expired", and its server,
+    /// outside every layer given to `Server::layer`, drops the request and answers the same.
+    /// With no margin, those race the `DEADLINE_EXCEEDED` of this layer, and a request the
+    /// tonic server drops looks, to a [`ClientDisconnectLayer`](crate::ClientDisconnectLayer)
+    /// inside, like a client that left.
     pub fn deadline_margin(mut self, margin: Duration) -> Self {
         self.config.incoming.margin = margin;
         self

@@ -51,7 +51,7 @@ mod future;
 mod layer;
 
 pub use self::future::ResponseFuture;
-pub use self::layer::ResponseTimeoutLayer;
+pub use self::layer::{ResponseTimeoutLayer, DEFAULT_DEADLINE_MARGIN};
 
 use std::task::{Context, Poll};
 use std::time::Duration;

@@ -327,3 +327,182 @@ async fn error_type_stays_infallible_for_axum() {
     let _: Result<_, Infallible> = Ok::<_, Infallible>(());
     let _ = pending::<()>;
 }
+
+// ---------------------------------------------------------------------------------------------
+// gRPC requests and callers' deadlines.
+
+fn grpc_request(timeout: Option<&'static str>) -> Request<()> {
+    let mut request = Request::new(());
+    request.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc+proto"),
+    );
+    if let Some(timeout) = timeout {
+        request.headers_mut().insert(
+            crate::grpc::GRPC_TIMEOUT,
+            http::HeaderValue::from_static(timeout),
+        );
+    }
+    request
+}
+
+/// The limit a request got: when the layer answered, from the start.
+async fn timed_out_after<S>(
+    service: S,
+    request: Request<()>,
+) -> (Duration, Response<ResponseBody<String>>)
+where
+    S: Service<Request<()>, Response = Response<ResponseBody<String>>, Error = Infallible>,
+{
+    let start = Instant::now();
+    let response = service.oneshot(request).await.unwrap();
+    (start.elapsed(), response)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_grpc_timeout_is_a_trailers_only_deadline_exceeded() {
+    let outcomes = Outcomes::default();
+    let service = ResponseTimeoutLayer::new(LIMIT)
+        .on_outcome(outcomes.hook())
+        .layer(after(Duration::from_secs(10)));
+    let (took, response) = timed_out_after(service, grpc_request(None)).await;
+    assert_eq!(took, LIMIT);
+    assert_eq!(response.status(), StatusCode::OK);
+    let headers = response.headers();
+    assert_eq!(
+        headers[http::header::CONTENT_TYPE],
+        "application/grpc+proto"
+    );
+    assert_eq!(headers["grpc-status"], "4");
+    assert_eq!(
+        headers["grpc-message"],
+        "tower-timeouts: no response within 100 ms"
+    );
+    assert_eq!(
+        headers[PROXY_STATUS],
+        "tower-timeouts; error=http_response_timeout"
+    );
+    assert!(http_body::Body::is_end_stream(response.body()));
+    assert_eq!(
+        outcomes.one(),
+        Outcome::response_timeout(LIMIT, StatusCode::OK)
+    );
+    assert!(body(response).await.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_callers_deadline_shortens_the_limit_never_lengthens_it() {
+    let layer = ResponseTimeoutLayer::new(Duration::from_secs(1)).deadline_margin(Duration::ZERO);
+    let slow = after(Duration::from_secs(60));
+    for (sent, expected) in [
+        ("200m", Duration::from_millis(200)),
+        ("5S", Duration::from_secs(1)),
+        ("1H", Duration::from_secs(1)),
+        ("0n", Duration::ZERO),
+    ] {
+        let (took, response) =
+            timed_out_after(layer.layer(slow.clone()), grpc_request(Some(sent))).await;
+        assert_eq!(took, expected, "{sent}");
+        assert_eq!(response.headers()["grpc-status"], "4", "{sent}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_margin_comes_off_the_callers_deadline() {
+    let layer = ResponseTimeoutLayer::new(Duration::from_secs(1));
+    let slow = after(Duration::from_secs(60));
+    // The default margin, 10 ms.
+    let (took, _) = timed_out_after(layer.layer(slow.clone()), grpc_request(Some("200m"))).await;
+    assert_eq!(took, Duration::from_millis(190));
+    // A deadline shorter than the margin times out at once.
+    let layer = layer.deadline_margin(Duration::from_millis(300));
+    let (took, _) = timed_out_after(layer.layer(slow), grpc_request(Some("200m"))).await;
+    assert_eq!(took, Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_malformed_or_ignored_grpc_timeout_leaves_the_layers_limit() {
+    let slow = after(Duration::from_secs(60));
+    let (took, _) = timed_out_after(
+        ResponseTimeoutLayer::new(LIMIT).layer(slow.clone()),
+        grpc_request(Some("+1S")),
+    )
+    .await;
+    assert_eq!(took, LIMIT);
+    let (took, _) = timed_out_after(
+        ResponseTimeoutLayer::new(LIMIT)
+            .ignore_grpc_timeout()
+            .layer(slow.clone()),
+        grpc_request(Some("1m")),
+    )
+    .await;
+    assert_eq!(took, LIMIT);
+    // Not a gRPC request: grpc-timeout means nothing.
+    let mut plain = grpc_request(Some("1m"));
+    plain.headers_mut().remove(http::header::CONTENT_TYPE);
+    let (took, response) =
+        timed_out_after(ResponseTimeoutLayer::new(LIMIT).layer(slow), plain).await;
+    assert_eq!(took, LIMIT);
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_plain_http_deadline_header_is_honoured_only_when_named() {
+    let header = http::HeaderName::from_static("x-deadline-ms");
+    let slow = after(Duration::from_secs(60));
+    let request = || {
+        let mut request = Request::new(());
+        request
+            .headers_mut()
+            .insert(header.clone(), http::HeaderValue::from_static("250"));
+        request
+    };
+    let (took, _) = timed_out_after(
+        ResponseTimeoutLayer::new(LIMIT * 10).layer(slow.clone()),
+        request(),
+    )
+    .await;
+    assert_eq!(took, LIMIT * 10);
+    let named = ResponseTimeoutLayer::new(LIMIT * 10)
+        .deadline_header(header.clone())
+        .deadline_margin(Duration::ZERO);
+    let (took, response) = timed_out_after(named.layer(slow), request()).await;
+    assert_eq!(took, Duration::from_millis(250));
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_handler_sees_the_deadline_in_force_in_its_extensions_and_scope() {
+    let seen = service_fn(|request: Request<()>| async move {
+        let extension = request.extensions().get::<Deadline>().copied();
+        Ok::<_, Infallible>(Response::new(format!(
+            "{:?} {:?}",
+            extension.map(|d| d.remaining()),
+            Deadline::current().map(|d| d.remaining())
+        )))
+    });
+    let layer = ResponseTimeoutLayer::new(Duration::from_secs(1)).deadline_margin(Duration::ZERO);
+    let response = layer
+        .layer(seen)
+        .oneshot(grpc_request(Some("300m")))
+        .await
+        .unwrap();
+    assert_eq!(body(response).await, "Some(300ms) Some(300ms)");
+    // Without a caller's deadline, only the scope has it.
+    let response = layer.layer(seen).oneshot(Request::new(())).await.unwrap();
+    assert_eq!(body(response).await, "None Some(1s)");
+}
+
+#[tokio::test(start_paused = true)]
+async fn grpc_answers_can_be_recoded_or_turned_off() {
+    let slow = after(Duration::from_secs(60));
+    let recoded = ResponseTimeoutLayer::new(LIMIT)
+        .grpc_code_with(|_: &Outcome| crate::GrpcCode::UNAVAILABLE)
+        .layer(slow.clone());
+    let (_, response) = timed_out_after(recoded, grpc_request(None)).await;
+    assert_eq!(response.headers()["grpc-status"], "14");
+    let plain = ResponseTimeoutLayer::new(LIMIT).without_grpc().layer(slow);
+    let (_, response) = timed_out_after(plain, grpc_request(None)).await;
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(!response.headers().contains_key("grpc-status"));
+}
