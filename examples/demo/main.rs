@@ -13,7 +13,14 @@
 //! - a listener that never accepts (connects succeed, nobody answers) → 504
 //!   `http_response_timeout`.
 //!
+//! Then the gRPC scenarios (see `grpc.rs`), played with tonic's client against tonic servers
+//! and a gRPC gateway: what a gRPC client gets for each outcome, and what is recorded.
+//!
 //! Set `RUST_LOG` (to anything) to also see the crate's WARN events on stderr.
+
+mod grpc;
+#[path = "../../tests/probe/mod.rs"]
+mod probe;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -57,7 +64,7 @@ const SLOW_HANDLER: Duration = Duration::from_secs(5);
 /// The bound on every single wait of the driver (a response, an outcome, a signal).
 const WAIT: Duration = Duration::from_secs(2);
 /// The bound on the whole demo.
-const WHOLE_DEMO: Duration = Duration::from_secs(15);
+const WHOLE_DEMO: Duration = Duration::from_secs(30);
 
 /// The scenarios, played in order. Each one names how the client behaves and what must follow.
 const SCENARIOS: &[Scenario] = &[
@@ -754,6 +761,7 @@ async fn run() -> Result<Vec<Row>, String> {
     for scenario in SCENARIOS {
         rows.push(driver.play(scenario).await);
     }
+    rows.extend(grpc::run(upstreams.blackhole).await?);
     drop(upstreams);
     Ok(rows)
 }
@@ -796,7 +804,7 @@ async fn main() -> ExitCode {
         })
         .collect();
     if problems.is_empty() {
-        println!("\nall {} scenarios behaved as expected", SCENARIOS.len());
+        println!("\nall {} scenarios behaved as expected", rows.len());
         ExitCode::SUCCESS
     } else {
         eprintln!("\ndemo FAILED:");
