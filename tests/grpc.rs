@@ -503,8 +503,8 @@ async fn a_fast_call_passes_through_with_its_own_status_and_trailers() {
 type UpstreamClient = Client<tower_timeouts::ConnectTimeout<HttpConnector>, Body>;
 
 /// A gateway that forwards every request to `upstream` over HTTP/2, through
-/// `UpstreamFailureLayer` and a `ConnectTimeoutLayer` of 200 ms.
-async fn gateway(upstream: std::net::SocketAddr) -> std::net::SocketAddr {
+/// `UpstreamFailureLayer` and a `ConnectTimeoutLayer` of 200 ms, and records with `reports`.
+async fn gateway(upstream: std::net::SocketAddr, reports: &Reports) -> std::net::SocketAddr {
     let connector =
         ConnectTimeoutLayer::new(Duration::from_millis(200)).layer(HttpConnector::new());
     let client: UpstreamClient = Client::builder(TokioExecutor::new())
@@ -521,7 +521,8 @@ async fn gateway(upstream: std::net::SocketAddr) -> std::net::SocketAddr {
                 upstream.oneshot(request).await.unwrap()
             },
         )
-        .with_state(client);
+        .with_state(client)
+        .layer(ClientDisconnectLayer::new().on_outcome(reports.hook()));
     common::serve(common::Server::AxumServe, app).await
 }
 
@@ -543,9 +544,12 @@ async fn a_grpc_gateway_in_front_of_a_dead_upstream_answers_unavailable() {
             "tower-timeouts: upstream connect failed (connection_refused)",
         ),
     ] {
-        let addr = gateway(upstream).await;
+        let reports = Reports::default();
+        let addr = gateway(upstream, &reports).await;
         let mut client = ProbeClient::new(channel(addr, "gateway").await);
         let status = client.call(call(0, "fast", None)).await.unwrap_err();
+        let reports = reports.wait_for(1).await;
+        assert_eq!(reports[0].1, Some(GrpcCode::UNAVAILABLE), "{reports:?}");
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
         assert_eq!(status.message(), message);
         assert_eq!(
@@ -553,6 +557,99 @@ async fn a_grpc_gateway_in_front_of_a_dead_upstream_answers_unavailable() {
             format!("tower-timeouts; error={error}").as_str()
         );
     }
+}
+
+/// An HTTP/2 upstream that answers every request with a gRPC head and one message, then, once
+/// `break_off` is notified, fails its body (hyper resets the stream).
+async fn breaking_upstream(break_off: Arc<Notify>) -> std::net::SocketAddr {
+    type Frame = Result<http_body::Frame<bytes::Bytes>, std::io::Error>;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = hyper::service::service_fn(move |_: http::Request<hyper::body::Incoming>| {
+        let break_off = break_off.clone();
+        async move {
+            let reply = prost::Message::encode_to_vec(&CallReply {
+                note: "first".to_owned(),
+                remaining_ms: 0,
+            });
+            let mut message = vec![0];
+            message.extend_from_slice(&u32::try_from(reply.len()).unwrap().to_be_bytes());
+            message.extend_from_slice(&reply);
+            let (frames, body) = tokio::sync::mpsc::channel::<Frame>(2);
+            tokio::spawn(async move {
+                let _ = frames
+                    .send(Ok(http_body::Frame::data(message.into())))
+                    .await;
+                break_off.notified().await;
+                let _ = frames.send(Err(std::io::Error::other("broke off"))).await;
+            });
+            let body = http_body_util::StreamBody::new(ReceiverStream::new(body));
+            let response = http::Response::builder()
+                .header(http::header::CONTENT_TYPE, "application/grpc")
+                .body(body)
+                .unwrap();
+            Ok::<_, Infallible>(response)
+        }
+    });
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone());
+            tokio::spawn(connection);
+        }
+    });
+    addr
+}
+
+/// A gRPC stream that the upstream breaks off after its head ends, through the gateway, with
+/// trailers carrying UNAVAILABLE (not a reset stream, which a gRPC client reads as INTERNAL).
+/// The upstream call is recorded as a failure during the body with that status; the request
+/// the gateway served, as a response that completed with it.
+#[tokio::test]
+async fn a_stream_the_upstream_breaks_off_ends_with_a_grpc_status() {
+    let (capture, _guard) = Capture::install_crate_only();
+    let reports = Reports::default();
+    let break_off = Arc::new(Notify::new());
+    let addr = gateway(breaking_upstream(break_off.clone()).await, &reports).await;
+    let mut client = ProbeClient::new(channel(addr, "broken").await);
+    let request = CallRequest {
+        sleep_ms: 0,
+        note: "tick".to_owned(),
+        count: 3,
+    };
+    let mut stream = client.stream(request).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.note, "first");
+    // The head and a message went out: now the upstream breaks off.
+    break_off.notify_one();
+    let status = stream.message().await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(
+        status.message(),
+        "tower-timeouts: the upstream broke off the response (connection_terminated)"
+    );
+    let reports = reports.wait_for(1).await;
+    assert!(
+        matches!(
+            reports[..],
+            [(Outcome::Completed { .. }, Some(GrpcCode::UNAVAILABLE))]
+        ),
+        "{reports:?}"
+    );
+    wait_until(|| !capture.upstream_spans().is_empty()).await;
+    let upstream = &capture.upstream_spans()[0];
+    assert_eq!(field(upstream, "tower_timeouts.outcome"), Some("failed"));
+    assert_eq!(field(upstream, "error.type"), Some("body_error"));
+    assert_eq!(
+        field(upstream, "rpc.response.status_code"),
+        Some("UNAVAILABLE")
+    );
+    let served = wait_span(&capture, "broken").await;
+    assert_eq!(
+        field(&served, "rpc.response.status_code"),
+        Some("UNAVAILABLE")
+    );
+    assert_eq!(field(&served, "otel.status_code"), Some("ERROR"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -745,4 +842,42 @@ async fn tower_https_grpc_classifier_sees_every_generated_response_as_a_failure(
         panic!("a response without grpc-status is classified at its end");
     };
     assert!(tower_http::classify::ClassifyEos::classify_eos(eos, None).is_ok());
+}
+
+/// Over real TCP, through hyper-util's client: an upstream call made with a deadline through
+/// `PropagateDeadlineLayer` gets a connect limit no longer than what is left of it, though the
+/// connector's own limit is 10 s.
+#[tokio::test]
+async fn a_propagated_deadline_shortens_the_connect_of_an_upstream_call() {
+    let hole = common::black_hole().await;
+    let connector = ConnectTimeoutLayer::new(Duration::from_secs(10)).layer(HttpConnector::new());
+    let client: UpstreamClient = Client::builder(TokioExecutor::new()).build(connector);
+    let upstream = ServiceBuilder::new()
+        .layer(PropagateDeadlineLayer::new())
+        .layer(UpstreamFailureLayer::new())
+        .service(client);
+    let mut request = http::Request::new(Body::empty());
+    *request.uri_mut() = format!("http://{}/", hole.addr).parse().unwrap();
+    request
+        .extensions_mut()
+        .insert(Deadline::after(Duration::from_millis(300)));
+    let started = tokio::time::Instant::now();
+    let response = upstream.oneshot(request).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(response.status().as_u16(), 599);
+    let outcome = response
+        .extensions()
+        .get::<tower_timeouts::Generated>()
+        .unwrap()
+        .outcome();
+    // What was left of 300 ms, less the 10 ms margin, when the connector was called.
+    assert!(
+        matches!(outcome, Outcome::ConnectTimeout { timeout: Some(limit), .. }
+            if *limit <= Duration::from_millis(290)),
+        "{outcome:?}"
+    );
 }

@@ -108,3 +108,36 @@ async fn zero_and_max() {
     let max = ConnectTimeoutLayer::new(Duration::MAX).layer(slow);
     assert!(max.oneshot(uri()).await.is_ok());
 }
+
+/// Called for an upstream call that a `PropagateDeadline` makes, the connect gets no more than
+/// what is left of the call's deadline; a deadline in force for the served request alone does
+/// not shorten it.
+#[tokio::test(start_paused = true)]
+async fn a_connect_for_a_call_with_a_deadline_is_shortened_to_it() {
+    let mut connector = ConnectTimeoutLayer::new(Duration::from_secs(10)).layer(never());
+    connector.ready().await.unwrap();
+    let start = Instant::now();
+    let error = {
+        let _call = crate::deadline::enter_call(Some(start + LIMIT));
+        connector.call(uri())
+    }
+    .await
+    .unwrap_err();
+    assert_eq!(start.elapsed(), LIMIT);
+    assert_eq!(
+        error
+            .downcast_ref::<ConnectTimeoutError>()
+            .unwrap()
+            .timeout(),
+        LIMIT
+    );
+
+    let start = Instant::now();
+    let served = {
+        let _served = crate::deadline::enter(Some(start + LIMIT));
+        connector.call(uri())
+    };
+    let error = served.await.unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_secs(10));
+    drop(error);
+}

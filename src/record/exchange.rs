@@ -265,11 +265,18 @@ impl Exchange {
         }
         match headers.get(GRPC_STATUS).and_then(GrpcCode::from_header) {
             Some(code) => {
-                self.grpc_code
-                    .store(u16::from(code.as_u8()), Ordering::Relaxed);
+                self.set_grpc_status(code);
                 true
             }
             None => false,
+        }
+    }
+
+    /// The response carries gRPC status `code`.
+    pub(crate) fn set_grpc_status(&self, code: GrpcCode) {
+        if self.grpc {
+            self.grpc_code
+                .store(u16::from(code.as_u8()), Ordering::Relaxed);
         }
     }
 

@@ -109,6 +109,11 @@ fn head_outcome<B>(response: &Response<B>) -> Outcome {
 pub(crate) trait Followed: http_body::Body {
     /// Follows the body with `tail` from now on.
     fn follow(&mut self, tail: Tail);
+
+    /// The gRPC status the body ends with in place of an error of the inner body, if it does.
+    fn grpc_ending(&self) -> Option<crate::grpc::GrpcCode> {
+        None
+    }
 }
 
 pin_project! {
@@ -266,6 +271,7 @@ impl Finished {
             response.body(),
             is_head,
         ) {
+            let tail = tail.ending(response.body().grpc_ending());
             response.body_mut().follow(tail);
         }
         result

@@ -13,6 +13,7 @@ use http_body::{Body, Frame};
 
 use super::exchange::Exchange;
 use super::extent::{self, Extent};
+use crate::grpc::GrpcCode;
 use crate::outcome::{Outcome, Phase};
 use crate::signal::ClientGone;
 
@@ -63,6 +64,8 @@ pub(crate) struct Tail {
     /// The exchange, when the layer that holds this tail records the request.
     owner: Option<Arc<Exchange>>,
     gone: Option<ClientGone>,
+    /// The gRPC status the body sends in place of an error of its inner body.
+    ending: Option<GrpcCode>,
     /// Set while the body is polled: still set when the tail is dropped, that poll panicked.
     polling: bool,
 }
@@ -85,10 +88,18 @@ impl Tail {
             progress: Progress::new(status, headers, body, is_head),
             owner,
             gone,
+            ending: None,
             polling: false,
         };
         // Complete already: dropped here, it records the end.
         (!tail.progress.complete).then_some(tail)
+    }
+
+    /// Records `ending` as the gRPC status when the body fails: the status the body sends in
+    /// its place.
+    pub(crate) fn ending(mut self, ending: Option<GrpcCode>) -> Self {
+        self.ending = ending;
+        self
     }
 
     /// Polls `body` on the tail's behalf. Drop the tail once it [`is_done`](Tail::is_done): that
@@ -118,6 +129,9 @@ impl Tail {
             Poll::Ready(Some(Err(_))) => {
                 let failed = Outcome::failed(Phase::DuringBody, Some(progress.status));
                 if let Some(owner) = self.owner.take() {
+                    if let Some(code) = self.ending {
+                        owner.set_grpc_status(code);
+                    }
                     owner.step(|stage| stage.end(failed));
                 }
                 progress.complete = true;

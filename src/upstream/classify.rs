@@ -87,7 +87,7 @@ impl Statuses {
         })
     }
 
-    fn upstream_failed(&self, kind: ProxyError) -> StatusCode {
+    pub(super) fn upstream_failed(&self, kind: ProxyError) -> StatusCode {
         self.upstream_failed.unwrap_or(if self.rfc9209 {
             kind.recommended_status()
         } else {

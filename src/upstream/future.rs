@@ -8,6 +8,7 @@ use pin_project_lite::pin_project;
 
 use super::classify::classify;
 use super::{Answers, BoxError};
+use crate::outcome::{Outcome, ProxyError};
 use crate::record::{Guarded, Share};
 use crate::response::ResponseBody;
 
@@ -84,6 +85,17 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let response = match ready!(this.inner.as_mut().poll(cx)) {
+            Ok(response) if this.grpc.is_some() => {
+                // A gRPC stream the upstream breaks off after the head ends with a status.
+                let broken = Outcome::upstream_failed(
+                    ProxyError::ConnectionTerminated,
+                    this.answers
+                        .statuses
+                        .upstream_failed(ProxyError::ConnectionTerminated),
+                );
+                let code = this.answers.responses.grpc_code(&broken);
+                Ok(response.map(|body| ResponseBody::new(body).ending_grpc_with(code, BROKEN_OFF)))
+            }
             Ok(response) => Ok(response.map(ResponseBody::new)),
             Err(error) => {
                 let outcome = classify(&*error, &this.answers.statuses);
@@ -98,6 +110,10 @@ where
         Poll::Ready(this.inner.finish().respond(response, None))
     }
 }
+
+/// The `grpc-message` of a gRPC stream the upstream broke off after the head.
+const BROKEN_OFF: &str =
+    "tower-timeouts: the upstream broke off the response (connection_terminated)";
 
 fn innermost<'a>(
     error: &'a (dyn std::error::Error + 'static),
