@@ -80,7 +80,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         // The inner future first: a response that is ready wins a tie with the timer, and a
-        // response ready at its first poll never touches the clock.
+        // response ready at its first poll never registers a timer.
         let polled = {
             let _scope = deadline::enter(*this.deadline);
             this.inner.as_mut().poll(cx)

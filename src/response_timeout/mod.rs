@@ -16,9 +16,11 @@
 //!
 //! # Behaviour
 //!
-//! - The time runs from the **first poll** of the response future. Servers poll it at once, so
-//!   this is the time from `call` for all practical purposes, and it lets a response that is
-//!   ready at its first poll skip the clock and the timer entirely.
+//! - The time runs from the layer's `call`. The limit is the earliest of the layer's own (or a
+//!   [`Deadline`] a user put into the request in its place), the caller's deadline
+//!   (`grpc-timeout` on a gRPC request, less a margin; see [`deadline`](crate::deadline)), and
+//!   a deadline in force that a layer put into the request. While the layer calls and polls
+//!   the inner service, that deadline is in force: [`Deadline::current`].
 //! - When the time is up, the inner future is dropped as *abandoned* (so that no layer inside
 //!   takes the drop for a client leaving; see [`record`](crate::record)) and the layer answers
 //!   with a generated response: 504, `Proxy-Status: tower-timeouts; error=http_response_timeout`, a
@@ -32,11 +34,11 @@
 //! - The timer is a plain `tokio::time::Sleep` in the response future, registered at the first
 //!   poll that finds the response not ready and cancelled when the future is dropped, as
 //!   `tower::timeout`'s.
-//! - `Duration::ZERO` (or a [`Deadline`] already past) times out every request whose response
-//!   is not ready at its first poll, without a timer. A limit beyond the clock's range
-//!   (`Duration::MAX`) never fires and never registers a timer. Neither panics.
-//! - A [`Deadline`] in the request's extensions replaces the configured
-//!   limit for that request.
+//! - `Duration::ZERO` (or a [`Deadline`] already past, or `grpc-timeout: 0n`) times out every
+//!   request whose response is not ready at its first poll, without a timer. A limit beyond the
+//!   clock's range (`Duration::MAX`) never fires and never registers a timer. Neither panics.
+//! - For a gRPC request, the answer is a trailers-only `DEADLINE_EXCEEDED` (HTTP 200); see
+//!   [`grpc`](crate::grpc).
 //!
 //! # Differences from `tower::timeout` and `tower_http::timeout`
 //!
