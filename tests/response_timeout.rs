@@ -497,3 +497,46 @@ async fn only_generated_responses_carry_the_marker() {
         live.wait_zero().await;
     }
 }
+
+/// With the `axum` feature, the handler extracts the deadline in force: the layer's own, or the
+/// earlier one a caller sent in the configured header; `Option<Deadline>` is `None` without the
+/// layer.
+#[cfg(feature = "axum")]
+#[tokio::test]
+async fn the_deadline_in_force_is_an_axum_extractor() {
+    let header = http::HeaderName::from_static("x-deadline-ms");
+    let handler = |deadline: Deadline| async move { deadline.remaining().as_millis().to_string() };
+    let app = Router::new()
+        .route("/", get(handler))
+        .route(
+            "/maybe",
+            get(|deadline: Option<Deadline>| async move { format!("{}", deadline.is_some()) }),
+        )
+        .layer(ResponseTimeoutLayer::new(FOREVER).deadline_header(header.clone()));
+    let bare = Router::new().route(
+        "/maybe",
+        get(|deadline: Option<Deadline>| async move { format!("{}", deadline.is_some()) }),
+    );
+    for server in SERVERS {
+        let addr = serve(server, app.clone()).await;
+        let own: u128 = String::from_utf8(fetch(Proto::H1, addr, "/").await.body.to_vec())
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((50_000..=60_000).contains(&own), "{own} ms");
+
+        let mut request = common::get(addr, "/");
+        request
+            .headers_mut()
+            .insert(header.clone(), http::HeaderValue::from_static("3000"));
+        let response = client(Proto::H1).request(request).await.unwrap();
+        let body = common::body_bytes(response.into_body()).await;
+        let sent: u128 = String::from_utf8(body.to_vec()).unwrap().parse().unwrap();
+        // The 3 s sent, less the 10 ms margin, less the time it took.
+        assert!((1..=2_990).contains(&sent), "{sent} ms");
+
+        assert_eq!(fetch(Proto::H1, addr, "/maybe").await.body, "true");
+        let bare_addr = serve(server, bare.clone()).await;
+        assert_eq!(fetch(Proto::H1, bare_addr, "/maybe").await.body, "false");
+    }
+}
