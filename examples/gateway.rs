@@ -7,18 +7,28 @@
 //! The layers, from the socket inwards:
 //!
 //! ```text
-//! ClientDisconnectLayer          outermost: opens the request's span, records one outcome per
-//!                                request (a 499 when the client leaves) and calls the hook
-//!   axum Router, fallback proxy  rewrites the URI and forwards the request
-//!     UpstreamFailureLayer       the client's errors become responses: 599 for a connect
-//!                                timeout, 502 for a refused connection, …
-//!       ResponseTimeoutLayer     no response head in time: 504
-//!         hyper-util Client
-//!           ConnectTimeoutLayer  the whole connect attempt, timed (a `connect` span)
-//!             HttpConnector
+//! ClientDisconnectLayer            outermost: opens the request's span, records one outcome per
+//!                                  request (a 499 when the client leaves) and calls the hook
+//!   ResponseTimeoutLayer           the gateway's own limit (30 s), shortened by a caller's
+//!                                  `grpc-timeout` or `x-request-timeout-ms`
+//!     axum Router, fallback proxy  rewrites the URI and forwards the request
+//!       PropagateDeadlineLayer     sends the upstream what is left of the caller's deadline
+//!                                  (`grpc-timeout`, `x-request-timeout-ms`), and shortens the
+//!                                  limits below to it
+//!         UpstreamFailureLayer     the client's errors become responses: 599 for a connect
+//!                                  timeout, 502 for a refused connection, …
+//!           ResponseTimeoutLayer   no response head in time: 504
+//!             hyper-util Client    HTTP/1.1, or HTTP/2 (h2c) for gRPC requests
+//!               ConnectTimeoutLayer  the whole connect attempt, timed (a `connect` span)
+//!                 HttpConnector
 //! ```
 //!
-//! With nothing on port 3000, `curl -i localhost:8080/` gets a 502 `connection_refused`.
+//! For a gRPC request every answer of the gateway's own is a gRPC status: `DEADLINE_EXCEEDED`,
+//! `UNAVAILABLE`, …
+//!
+//! With nothing on port 3000, `curl -i localhost:8080/` gets a 502 `connection_refused`, and
+//! `curl -i -H 'x-request-timeout-ms: 50' localhost:8080/` against a slow upstream a 504 after
+//! 40 ms (50 ms less the 10 ms margin).
 
 use std::convert::Infallible;
 use std::error::Error;
@@ -34,28 +44,42 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower::{Layer, ServiceBuilder, ServiceExt};
 use tower_timeouts::{
-    ClientDisconnectLayer, ConnectTimeout, ConnectTimeoutLayer, Report, ResponseTimeout,
-    ResponseTimeoutLayer, UpstreamFailure, UpstreamFailureLayer,
+    ClientDisconnectLayer, ConnectTimeout, ConnectTimeoutLayer, PropagateDeadline,
+    PropagateDeadlineLayer, Report, ResponseTimeout, ResponseTimeoutLayer, UpstreamFailure,
+    UpstreamFailureLayer,
 };
 
 /// The limit on establishing a connection to the upstream.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The limit on the upstream's response head, connect included.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The gateway's own limit on a request, for a caller that sends no deadline.
+const GATEWAY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The plain-HTTP header of a caller's deadline, in milliseconds, honoured and passed on.
+const DEADLINE_HEADER: &str = "x-request-timeout-ms";
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1): never forwarded.
 const HOP_BY_HOP: &str = "connection proxy-connection keep-alive te transfer-encoding upgrade";
 
 /// The client side of the gateway. Its error type is `Infallible`: every failure to reach the
 /// upstream is already a response.
-type Upstream = UpstreamFailure<ResponseTimeout<Client<ConnectTimeout<HttpConnector>, Body>>>;
+type Upstream = PropagateDeadline<
+    UpstreamFailure<ResponseTimeout<Client<ConnectTimeout<HttpConnector>, Body>>>,
+>;
 
-/// Builds the stack that calls the upstream. `UpstreamFailureLayer` goes outside
-/// `ResponseTimeoutLayer`: the timeout answers a silent upstream with a 504 of its own, and the
-/// errors that reach `UpstreamFailureLayer` are the client's (connect timed out, refused, …).
-fn upstream(connect_timeout: Duration, response_timeout: Duration) -> Upstream {
+/// Builds the stack that calls the upstream, over HTTP/2 with prior knowledge (h2c) when
+/// `http2`. `UpstreamFailureLayer` goes outside `ResponseTimeoutLayer`: the timeout answers a
+/// silent upstream with a 504 of its own, and the errors that reach `UpstreamFailureLayer` are
+/// the client's (connect timed out, refused, …). `PropagateDeadlineLayer` goes outermost, so
+/// that the limits below it are shortened to the caller's deadline.
+fn upstream(connect_timeout: Duration, response_timeout: Duration, http2: bool) -> Upstream {
     let connector = ConnectTimeoutLayer::new(connect_timeout).layer(HttpConnector::new());
-    let client = Client::builder(TokioExecutor::new()).build(connector);
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(http2)
+        .build(connector);
     ServiceBuilder::new()
+        .layer(
+            PropagateDeadlineLayer::new().header(header::HeaderName::from_static(DEADLINE_HEADER)),
+        )
         .layer(UpstreamFailureLayer::new())
         .layer(ResponseTimeoutLayer::new(response_timeout))
         .service(client)
@@ -63,7 +87,9 @@ fn upstream(connect_timeout: Duration, response_timeout: Duration) -> Upstream {
 
 #[derive(Clone)]
 struct Gateway {
-    upstream: Upstream,
+    http1: Upstream,
+    /// For gRPC requests.
+    http2: Upstream,
     base: Uri, // the upstream's scheme and authority
 }
 
@@ -76,12 +102,20 @@ async fn proxy(State(gateway): State<Gateway>, request: Request) -> Response<Bod
     let mut uri = gateway.base.into_parts();
     uri.path_and_query = Some(path.unwrap_or_else(|| PathAndQuery::from_static("/")));
     parts.uri = Uri::from_parts(uri).expect("scheme and authority come from a valid URI");
-    // The connector speaks HTTP/1.1 whatever the client spoke, and the client sets `Host` from
-    // the upstream's URI.
-    parts.version = Version::HTTP_11;
+    // gRPC goes upstream over HTTP/2, everything else over HTTP/1.1, whatever the client spoke;
+    // the client sets `Host` (or `:authority`) from the upstream's URI.
+    let grpc = tower_timeouts::grpc::is_grpc(&parts.headers);
+    parts.version = if grpc {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
     parts.headers.remove(header::HOST);
     strip_hop_by_hop(&mut parts.headers);
-    let upstream = gateway.upstream.oneshot(Request::from_parts(parts, body));
+    let client = if grpc { gateway.http2 } else { gateway.http1 };
+    // The forwarded request keeps its extensions: the deadline in force that the gateway's
+    // `ResponseTimeoutLayer` put there goes with it to `PropagateDeadlineLayer`.
+    let upstream = client.oneshot(Request::from_parts(parts, body));
     let mut response = upstream
         .await
         .unwrap_or_else(|never: Infallible| match never {});
@@ -107,7 +141,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
     }
 
     let gateway = Gateway {
-        upstream: upstream(CONNECT_TIMEOUT, RESPONSE_TIMEOUT),
+        http1: upstream(CONNECT_TIMEOUT, RESPONSE_TIMEOUT, false),
+        http2: upstream(CONNECT_TIMEOUT, RESPONSE_TIMEOUT, true),
         base: base.clone(),
     };
     // A hook for every outcome; the crate's own WARN events add one line per failure.
@@ -115,10 +150,14 @@ async fn main() -> Result<(), Box<dyn Error>> {
         let (method, elapsed) = (report.method(), report.elapsed());
         tracing::info!(%method, ?elapsed, "{}", report.outcome());
     };
-    let app = Router::new()
-        .fallback(proxy)
-        .with_state(gateway)
-        .layer(ClientDisconnectLayer::new().on_outcome(log));
+    let app = Router::new().fallback(proxy).with_state(gateway).layer(
+        ServiceBuilder::new()
+            .layer(ClientDisconnectLayer::new().on_outcome(log))
+            .layer(
+                ResponseTimeoutLayer::new(GATEWAY_TIMEOUT)
+                    .deadline_header(header::HeaderName::from_static(DEADLINE_HEADER)),
+            ),
+    );
 
     let listener = tokio::net::TcpListener::bind(&listen).await?;
     tracing::info!("forwarding http://{} to {base}", listener.local_addr()?);
