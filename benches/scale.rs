@@ -42,10 +42,10 @@
 //! error is the timeout); and, to tell the cost of the 504 we generate from the timer's, ours
 //! `ResponseTimeoutLayer` with a minimal response (`without_proxy_status()` and a
 //! `response_with` that makes an empty 504, no headers). Lateness of a request: its arrival
-//! minus its deadline, the deadline being the call time plus `TIMEOUT` (ours counts from its
-//! `call` too; tokio rounds a timer up to the next millisecond, so about 0.5 ms on average is
-//! the timer's own granularity). p50, p99 and max over the 100,000; `> 20 ms` counts those later
-//! than the target; "calls spread" is the time from the first call to the last (how long it
+//! minus its deadline, the deadline being the call time plus `TIMEOUT` (ours counts from the
+//! first poll, a few microseconds later; tokio rounds a timer up to the next millisecond, so
+//! about 0.5 ms on average is the timer's own granularity). p50, p99 and max over the
+//! 100,000; `> 20 ms` counts those later than the target; "calls spread" is the time from the first call to the last (how long it
 //! took to get all of them in flight); "drain" is from the last deadline until the last
 //! response arrived. The calls come as fast as one thread can spawn tasks (100,000 in about
 //! 0.1 s), so the deadlines all fall in as short a window: lateness here shows whether a

@@ -157,7 +157,7 @@ impl Deadline {
     /// its inner service or polls its future (the earliest, when several are on the request),
     /// and inside [`Deadline::scope`].
     pub fn current() -> Option<Deadline> {
-        let at = CURRENT.get()?;
+        let at = current_instant()?;
         Some(Deadline::in_force(
             at,
             at.saturating_duration_since(Instant::now()),
@@ -192,7 +192,7 @@ impl Deadline {
 /// [`Deadline::current`], for `tokio::spawn(carry(async { … }))`.
 pub fn carry<F: Future>(future: F) -> Scoped<F> {
     Scoped {
-        deadline: CURRENT.get(),
+        deadline: current_instant(),
         future,
     }
 }
@@ -212,63 +212,104 @@ impl<F: Future> Future for Scoped<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let _scope = enter(*this.deadline);
+        let _scope = enter(When::At(*this.deadline));
         this.future.poll(cx)
+    }
+}
+
+/// When a layer's deadline is: at an instant (`None`: beyond the clock's range), or a limit
+/// from the first poll that finds the response not ready, not yet armed (so that a response
+/// ready at once costs no clock read). While not armed, the deadline in force it stands for is
+/// the limit from now: at most the time of one poll earlier than the one that will be armed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum When {
+    At(Option<Instant>),
+    After(Duration),
+}
+
+/// The deadlines in force on a thread, as entered: the earliest instant, and the shortest limit
+/// from now. Kept apart so that entering one reads no clock.
+#[derive(Clone, Copy, Debug, Default)]
+struct Scope {
+    at: Option<Instant>,
+    after: Option<Duration>,
+}
+
+impl Scope {
+    fn with(self, when: When) -> Self {
+        match when {
+            When::At(at) => Scope {
+                at: earliest(self.at, at),
+                ..self
+            },
+            When::After(after) => Scope {
+                after: Some(self.after.map_or(after, |outer| outer.min(after))),
+                ..self
+            },
+        }
+    }
+
+    /// The earliest deadline in force, as an instant.
+    fn resolve(self) -> Option<Instant> {
+        let after = self
+            .after
+            .and_then(|after| Instant::now().checked_add(after));
+        earliest(self.at, after)
+    }
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
 thread_local! {
     /// The deadline in force on this thread, while a layer calls or polls.
-    static CURRENT: Cell<Option<Instant>> = const { Cell::new(None) };
+    static CURRENT: Cell<Scope> = const { Cell::new(Scope { at: None, after: None }) };
     /// The deadline of the upstream call a [`PropagateDeadline`](crate::PropagateDeadline)
     /// makes, while it calls or polls: what a `ConnectTimeout` is shortened to. Apart from
     /// [`CURRENT`] so that only that opt-in layer shortens connects.
-    static CALL: Cell<Option<Instant>> = const { Cell::new(None) };
+    static CALL: Cell<Scope> = const { Cell::new(Scope { at: None, after: None }) };
 }
 
 /// The deadline in force on this thread now.
 #[inline]
 pub(crate) fn current_instant() -> Option<Instant> {
-    CURRENT.get()
+    CURRENT.get().resolve()
 }
 
 /// The deadline of the upstream call being made on this thread now, if a
 /// [`PropagateDeadline`](crate::PropagateDeadline) makes it.
 #[inline]
 pub(crate) fn call_instant() -> Option<Instant> {
-    CALL.get()
+    CALL.get().resolve()
 }
 
 /// Puts `deadline` in force (the earlier of it and the one in force already) until dropped.
 #[inline]
-pub(crate) fn enter(deadline: Option<Instant>) -> ScopeGuard {
+pub(crate) fn enter(deadline: When) -> ScopeGuard {
     ScopeGuard::enter(&CURRENT, deadline)
 }
 
 /// Puts `deadline` in force for an upstream call (see [`call_instant`]) until dropped.
 #[inline]
 pub(crate) fn enter_call(deadline: Option<Instant>) -> ScopeGuard {
-    ScopeGuard::enter(&CALL, deadline)
+    ScopeGuard::enter(&CALL, When::At(deadline))
 }
 
 /// Restores the deadline in force before [`enter`].
 pub(crate) struct ScopeGuard {
-    slot: &'static std::thread::LocalKey<Cell<Option<Instant>>>,
-    outer: Option<Instant>,
+    slot: &'static std::thread::LocalKey<Cell<Scope>>,
+    outer: Scope,
 }
 
 impl ScopeGuard {
     #[inline]
-    fn enter(
-        slot: &'static std::thread::LocalKey<Cell<Option<Instant>>>,
-        deadline: Option<Instant>,
-    ) -> Self {
+    fn enter(slot: &'static std::thread::LocalKey<Cell<Scope>>, deadline: When) -> Self {
         let outer = slot.get();
-        let inner = match (outer, deadline) {
-            (Some(outer), Some(deadline)) => Some(outer.min(deadline)),
-            (outer, deadline) => outer.or(deadline),
-        };
-        slot.set(inner);
+        slot.set(outer.with(deadline));
         ScopeGuard { slot, outer }
     }
 }
@@ -338,11 +379,13 @@ mod tests {
         let now = Instant::now();
         assert_eq!(Deadline::current(), None);
         {
-            let _outer = enter(Some(now + Duration::from_secs(5)));
+            let _outer = enter(When::At(Some(now + Duration::from_secs(5))));
             {
-                let _later = enter(Some(now + Duration::from_secs(9)));
+                let _later = enter(When::At(Some(now + Duration::from_secs(9))));
                 assert_eq!(current_instant(), Some(now + Duration::from_secs(5)));
-                let _earlier = enter(Some(now + Duration::from_secs(1)));
+                let _limit = enter(When::After(Duration::from_secs(3)));
+                assert_eq!(current_instant(), Some(now + Duration::from_secs(3)));
+                let _earlier = enter(When::At(Some(now + Duration::from_secs(1))));
                 assert_eq!(current_instant(), Some(now + Duration::from_secs(1)));
             }
             assert_eq!(
@@ -357,7 +400,7 @@ mod tests {
     async fn carried_into_a_spawned_task() {
         let at = Instant::now() + Duration::from_secs(2);
         let task = {
-            let _scope = enter(Some(at));
+            let _scope = enter(When::At(Some(at)));
             tokio::spawn(carry(async { Deadline::current() }))
         };
         let carried = task.await.unwrap().unwrap();

@@ -434,7 +434,9 @@ mod tests {
     async fn what_is_left_less_the_margin_goes_downstream() {
         let calls = Arc::new(AtomicUsize::new(0));
         let layer = PropagateDeadlineLayer::new().margin(Duration::from_millis(100));
-        let _scope = deadline::enter(Some(Instant::now() + Duration::from_secs(1)));
+        let _scope = deadline::enter(crate::deadline::When::At(Some(
+            Instant::now() + Duration::from_secs(1),
+        )));
         let response = layer
             .layer(echo(calls.clone()))
             .oneshot(grpc())
@@ -481,7 +483,9 @@ mod tests {
             .unwrap();
         assert_eq!(response.headers()["grpc-timeout"], "400000u");
         // A request made with a shorter timeout of its own keeps it.
-        let _scope = deadline::enter(Some(Instant::now() + Duration::from_secs(5)));
+        let _scope = deadline::enter(crate::deadline::When::At(Some(
+            Instant::now() + Duration::from_secs(5),
+        )));
         let mut own = grpc();
         own.headers_mut()
             .insert(grpc::GRPC_TIMEOUT, HeaderValue::from_static("20m"));
@@ -495,7 +499,9 @@ mod tests {
         let calls = Arc::new(AtomicUsize::new(0));
         let layer = PropagateDeadlineLayer::new();
         // 5 ms left, less than the 10 ms margin.
-        let _scope = deadline::enter(Some(Instant::now() + Duration::from_millis(5)));
+        let _scope = deadline::enter(crate::deadline::When::At(Some(
+            Instant::now() + Duration::from_millis(5),
+        )));
         let response = layer
             .layer(echo(calls.clone()))
             .oneshot(grpc())
@@ -542,7 +548,9 @@ mod tests {
             .layer(PropagateDeadlineLayer::new().margin(Duration::ZERO))
             .layer(crate::ResponseTimeoutLayer::new(Duration::from_secs(10)))
             .service(slow);
-        let _scope = deadline::enter(Some(Instant::now() + Duration::from_millis(250)));
+        let _scope = deadline::enter(crate::deadline::When::At(Some(
+            Instant::now() + Duration::from_millis(250),
+        )));
         let start = Instant::now();
         let response = client.oneshot(Request::new(())).await.unwrap();
         assert_eq!(start.elapsed(), Duration::from_millis(250));

@@ -9,6 +9,10 @@
 //! - and carries a [`Generated`] marker in its extensions, so outer layers and user code can
 //!   tell it from an upstream's response with the same status.
 //!
+//! A gRPC request gets a trailers-only gRPC status instead (HTTP 200, `grpc-status`,
+//! `grpc-message`, no body), with the same `Proxy-Status` and marker: see
+//! [`grpc`](crate::grpc).
+//!
 //! # Example: an RFC 9457 problem body
 //!
 //! ```
@@ -122,12 +126,12 @@ macro_rules! response_methods {
             self
         }
 
-        /// Builds the generated responses with `make` instead of the default one (for gRPC
-        /// requests too, once [`without_grpc`](Self::without_grpc) is set; else they get the
-        /// trailers-only form). The status it
+        /// Builds the generated responses with `make` instead of the default one. The status it
         /// sets is what is sent (the outcome's [`sent_status`](crate::Outcome::sent_status) is
         /// the configured one). `Proxy-Status` is added unless `make` sets it or it is turned
-        /// off, and the [`Generated`](crate::Generated) marker is always added.
+        /// off, and the [`Generated`](crate::Generated) marker is always added. gRPC requests
+        /// still get trailers-only gRPC statuses, unless [`without_grpc`](Self::without_grpc)
+        /// is set too.
         pub fn response_with<F>(mut self, make: F) -> Self
         where
             F: Fn(&$crate::Outcome) -> http::Response<bytes::Bytes> + Send + Sync + 'static,

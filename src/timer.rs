@@ -1,5 +1,6 @@
 //! The timer of a response limit: armed at the first poll that finds the response not ready,
-//! so that a response ready at once never registers a timer.
+//! so that a response ready at once never registers a timer (nor, for a limit from that poll,
+//! reads the clock).
 //!
 //! A plain `tokio::time::Sleep`, kept in the response future as `tower::timeout` keeps its own:
 //! registered when first polled, cancelled when dropped. An earlier version kept finished
@@ -12,6 +13,8 @@
 use std::future::Future;
 use std::pin::{pin, Pin};
 use std::task::{Context, Poll};
+
+use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use tokio::task::unconstrained;
@@ -28,6 +31,8 @@ pin_project! {
 pin_project! {
     #[project = SlotProj]
     enum Slot {
+        /// To be armed for this long from the first poll.
+        After { timeout: Duration },
         /// To be armed for this deadline.
         At { deadline: Instant },
         /// Beyond the clock's range: never fires.
@@ -37,6 +42,13 @@ pin_project! {
 }
 
 impl Timer {
+    /// A limit of `timeout` from the first poll.
+    pub(crate) const fn after(timeout: Duration) -> Self {
+        Timer {
+            slot: Slot::After { timeout },
+        }
+    }
+
     /// A limit that never fires.
     pub(crate) const fn never() -> Self {
         Timer { slot: Slot::Never }
@@ -46,6 +58,15 @@ impl Timer {
     pub(crate) const fn at(deadline: Instant) -> Self {
         Timer {
             slot: Slot::At { deadline },
+        }
+    }
+
+    /// When the timer fires, once that is known: an absolute limit, or one armed.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        match &self.slot {
+            Slot::At { deadline } => Some(*deadline),
+            Slot::Armed { sleep } => Some(sleep.deadline()),
+            Slot::After { .. } | Slot::Never => None,
         }
     }
 
@@ -65,13 +86,19 @@ impl Timer {
     #[inline]
     pub(crate) fn poll_expired(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut slot = self.as_mut().project().slot;
-        if let SlotProj::At { deadline } = slot.as_mut().project() {
-            let deadline = *deadline;
-            if deadline <= Instant::now() {
-                return Poll::Ready(());
-            }
-            slot.set(Slot::Armed {
-                sleep: sleep_until(deadline),
+        let deadline = match slot.as_mut().project() {
+            SlotProj::After { timeout } if timeout.is_zero() => return Poll::Ready(()),
+            SlotProj::After { timeout } => Instant::now().checked_add(*timeout),
+            SlotProj::At { deadline } if *deadline <= Instant::now() => return Poll::Ready(()),
+            SlotProj::At { deadline } => Some(*deadline),
+            SlotProj::Never | SlotProj::Armed { .. } => None,
+        };
+        if let SlotProj::After { .. } | SlotProj::At { .. } = slot.as_mut().project() {
+            slot.set(match deadline {
+                Some(deadline) => Slot::Armed {
+                    sleep: sleep_until(deadline),
+                },
+                None => Slot::Never,
             });
         }
         match slot.project() {
@@ -84,7 +111,7 @@ impl Timer {
 impl std::fmt::Debug for Timer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let slot = match self.slot {
-            Slot::At { .. } => "unarmed",
+            Slot::After { .. } | Slot::At { .. } => "unarmed",
             Slot::Never => "never",
             Slot::Armed { .. } => "armed",
         };
@@ -95,8 +122,6 @@ impl std::fmt::Debug for Timer {
 #[cfg(test)]
 mod tests {
     use std::future::poll_fn;
-
-    use std::time::Duration;
 
     use super::*;
 
@@ -116,8 +141,21 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_limit_from_the_first_poll_is_measured_from_it() {
+        let mut timer = pin!(Timer::after(Duration::from_secs(1)));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let start = Instant::now();
+        assert_eq!(timer.deadline(), None);
+        assert!(timer.as_mut().poll_expired(&mut noop_cx()).is_pending());
+        assert_eq!(timer.deadline(), Some(start + Duration::from_secs(1)));
+        poll_fn(|cx| timer.as_mut().poll_expired(cx)).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_limit_already_passed_is_ready_at_once_without_a_timer() {
         for mut timer in [
+            Box::pin(Timer::after(Duration::ZERO)),
             Box::pin(Timer::at(Instant::now())),
             Box::pin(Timer::at(Instant::now() - Duration::from_millis(1))),
         ] {
@@ -128,7 +166,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_limit_beyond_the_clock_never_fires_and_registers_nothing() {
-        let mut timer = pin!(Timer::never());
+        let mut timer = pin!(Timer::after(Duration::MAX));
         assert!(timer.as_mut().poll_expired(&mut noop_cx()).is_pending());
         assert!(!timer.is_armed());
         tokio::time::advance(Duration::from_secs(3600 * 24 * 365)).await;

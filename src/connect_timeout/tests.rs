@@ -134,7 +134,7 @@ async fn a_connect_for_a_call_with_a_deadline_is_shortened_to_it() {
 
     let start = Instant::now();
     let served = {
-        let _served = crate::deadline::enter(Some(start + LIMIT));
+        let _served = crate::deadline::enter(crate::deadline::When::At(Some(start + LIMIT)));
         connector.call(uri())
     };
     let error = served.await.unwrap_err();

@@ -5,10 +5,9 @@ use std::time::Duration;
 
 use http::{HeaderValue, Response, StatusCode};
 use pin_project_lite::pin_project;
-use tokio::time::Instant;
 
 use super::{Config, Limit};
-use crate::deadline;
+use crate::deadline::{self, When};
 use crate::outcome::Outcome;
 use crate::record::{Guarded, Share};
 use crate::response::{ResponseBody, ResponseConfig};
@@ -22,7 +21,7 @@ pin_project! {
         #[pin]
         timer: Timer,
         // The deadline, in force while the inner future is polled.
-        deadline: Option<Instant>,
+        when: When,
         // The limit, as reported.
         timeout: Duration,
         status: StatusCode,
@@ -47,11 +46,12 @@ impl<F> ResponseFuture<F> {
     pub(super) fn new(inner: F, share: Share, limit: Limit, config: &Config) -> Self {
         ResponseFuture {
             inner: Guarded::new(inner, share),
-            timer: match limit.deadline {
-                Some(deadline) => Timer::at(deadline),
-                None => Timer::never(),
+            timer: match limit.when {
+                When::At(Some(deadline)) => Timer::at(deadline),
+                When::At(None) => Timer::never(),
+                When::After(timeout) => Timer::after(timeout),
             },
-            deadline: limit.deadline,
+            when: limit.when,
             timeout: limit.timeout,
             status: config.status,
             grpc: limit.grpc,
@@ -82,7 +82,7 @@ where
         // The inner future first: a response that is ready wins a tie with the timer, and a
         // response ready at its first poll never registers a timer.
         let polled = {
-            let _scope = deadline::enter(*this.deadline);
+            let _scope = deadline::enter(*this.when);
             this.inner.as_mut().poll(cx)
         };
         if polled.is_ready() {
@@ -95,7 +95,14 @@ where
             }
             return polled.map(|result| finished.respond(wrap(result), None));
         }
-        ready!(this.timer.poll_expired(cx));
+        let expired = this.timer.as_mut().poll_expired(cx);
+        if let When::After(_) = this.when {
+            // Armed now: the deadline in force from the next poll on.
+            if let Some(deadline) = this.timer.deadline() {
+                *this.when = When::At(Some(deadline));
+            }
+        }
+        ready!(expired);
         let finished = this.inner.finish();
         let outcome = Outcome::response_timeout(*this.timeout, *this.status);
         let response = this.responses.generate(outcome, this.grpc.as_ref());

@@ -16,11 +16,15 @@
 //!
 //! # Behaviour
 //!
-//! - The time runs from the layer's `call`. The limit is the earliest of the layer's own (or a
-//!   [`Deadline`] a user put into the request in its place), the caller's deadline
-//!   (`grpc-timeout` on a gRPC request, less a margin; see [`deadline`](crate::deadline)), and
-//!   a deadline in force that a layer put into the request. While the layer calls and polls
-//!   the inner service, that deadline is in force: [`Deadline::current`].
+//! - The limit is the earliest of the layer's own (or a [`Deadline`] a user put into the
+//!   request in its place), the caller's deadline (`grpc-timeout` on a gRPC request, less a
+//!   margin; see [`deadline`](crate::deadline)), and a deadline in force that a layer put into
+//!   the request. While the layer calls and polls the inner service, that deadline is in
+//!   force: [`Deadline::current`].
+//! - The layer's own limit runs from the **first poll** of the response future. Servers poll
+//!   it at once, so this is the time from `call` for all practical purposes, and it lets a
+//!   response that is ready at its first poll skip the clock and the timer entirely. A
+//!   deadline (the caller's, a user's) is fixed at `call`.
 //! - When the time is up, the inner future is dropped as *abandoned* (so that no layer inside
 //!   takes the drop for a client leaving; see [`record`](crate::record)) and the layer answers
 //!   with a generated response: 504, `Proxy-Status: tower-timeouts; error=http_response_timeout`, a
@@ -64,7 +68,7 @@ use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::deadline::{self, Deadline};
+use crate::deadline::{self, Deadline, When};
 use crate::grpc;
 use crate::record::{nothing_can_see, Budget, Joining, Recorder, Role, Share};
 use crate::response::{ResponseBody, ResponseConfig};
@@ -142,7 +146,7 @@ where
             return self.call_recorded(request, limit);
         }
         let inner = {
-            let _scope = deadline::enter(limit.deadline);
+            let _scope = deadline::enter(limit.when);
             self.inner.call(request)
         };
         ResponseFuture::new(inner, Share::none(), limit, &self.config)
@@ -152,8 +156,8 @@ where
 /// A request's limit, as a layer works it out at `call`.
 #[derive(Debug)]
 pub(super) struct Limit {
-    /// When it fires: `None` beyond the clock's range.
-    pub(super) deadline: Option<Instant>,
+    /// When it fires.
+    pub(super) when: When,
     /// The limit as reported: the time from `call` to the deadline.
     pub(super) timeout: Duration,
     /// The deadline the request came with, if it had a header for one.
@@ -170,9 +174,28 @@ impl<S> ResponseTimeout<S> {
     /// goes into the request's extensions, as the deadline in force.
     #[inline(always)]
     fn limit<B>(&self, request: &mut Request<B>) -> Limit {
-        let now = Instant::now();
         let config = &self.config;
         let given = request.extensions().get::<Deadline>().copied();
+        let content_type = grpc::grpc_content_type(request.headers());
+        let budget = self.budget(request, content_type.is_some());
+        let grpc = content_type
+            .filter(|_| config.responses.answers_grpc())
+            .cloned();
+        let caller = match &budget {
+            Some(Budget::Given(budget)) => Some(budget.saturating_sub(config.incoming.margin)),
+            _ => None,
+        };
+        if given.is_none() && caller.is_none() {
+            // The layer's own limit alone: from the first poll that finds the response not
+            // ready, so that a response ready at once reads no clock.
+            return Limit {
+                when: When::After(config.timeout),
+                timeout: config.timeout,
+                budget,
+                grpc,
+            };
+        }
+        let now = Instant::now();
         // The layer's own limit, or a user's deadline in its place.
         let mut deadline = match given {
             Some(given) if given.in_force_parts().is_none() => given.instant_from(now),
@@ -182,8 +205,8 @@ impl<S> ResponseTimeout<S> {
             Some(deadline) => deadline.saturating_duration_since(now),
             None => Duration::MAX,
         };
-        // Capped by the deadline in force that a layer put into the request, reported as the
-        // limit it stands for.
+        // Capped by the deadline in force that a layer put into the request, and by the
+        // caller's, each reported as the limit it stands for.
         let mut cap = |at: Instant, limit: Duration| {
             if deadline.is_none_or(|deadline| at < deadline) {
                 deadline = Some(at);
@@ -193,13 +216,7 @@ impl<S> ResponseTimeout<S> {
         if let Some((at, limit)) = given.and_then(|given| given.in_force_parts()) {
             cap(at, limit);
         }
-        let content_type = grpc::grpc_content_type(request.headers());
-        let budget = self.budget(request, content_type.is_some());
-        let grpc = content_type
-            .filter(|_| config.responses.answers_grpc())
-            .cloned();
-        if let Some(Budget::Given(budget)) = &budget {
-            let limit = budget.saturating_sub(config.incoming.margin);
+        if let Some(limit) = caller {
             cap(now.checked_add(limit).unwrap_or(now), limit);
             if let Some(deadline) = deadline {
                 request
@@ -208,7 +225,7 @@ impl<S> ResponseTimeout<S> {
             }
         }
         Limit {
-            deadline,
+            when: When::At(deadline),
             timeout,
             budget,
             grpc,
@@ -253,7 +270,7 @@ impl<S> ResponseTimeout<S> {
         let share = self.config.recorder.start(&mut request, joining);
         let inner = {
             let _calling = share.calling();
-            let _scope = deadline::enter(limit.deadline);
+            let _scope = deadline::enter(limit.when);
             self.inner.call(request)
         };
         ResponseFuture::new(inner, share, limit, &self.config)

@@ -506,3 +506,21 @@ async fn grpc_answers_can_be_recoded_or_turned_off() {
     assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
     assert!(!response.headers().contains_key("grpc-status"));
 }
+
+/// The deadline in force while the handler runs is the one the layer's timer is armed for,
+/// not a limit counted again from each poll.
+#[tokio::test(start_paused = true)]
+async fn the_deadline_in_force_is_the_armed_one_on_later_polls() {
+    let later = service_fn(|_: Request<()>| async {
+        let first = Deadline::current().map(|d| d.remaining());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let second = Deadline::current().map(|d| d.remaining());
+        Ok::<_, Infallible>(Response::new(format!("{first:?} {second:?}")))
+    });
+    let response = ResponseTimeoutLayer::new(Duration::from_secs(1))
+        .layer(later)
+        .oneshot(Request::new(()))
+        .await
+        .unwrap();
+    assert_eq!(body(response).await, "Some(1s) Some(900ms)");
+}
