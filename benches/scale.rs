@@ -45,8 +45,8 @@
 //! minus its deadline, the deadline being the call time plus `TIMEOUT` (ours counts from the
 //! first poll, a few microseconds later; tokio rounds a timer up to the next millisecond, so
 //! about 0.5 ms on average is the timer's own granularity). p50, p99 and max over the
-//! 100,000; `> 20 ms` counts those later than the target; "calls spread" is the time from the first call to the last (how long it
-//! took to get all of them in flight); "drain" is from the last deadline until the last
+//! 100,000; `> 20 ms` counts those later than the target; "calls spread" is the time from
+//! the first call to the last (how long it took to get all of them in flight); "drain" is from the last deadline until the last
 //! response arrived. The calls come as fast as one thread can spawn tasks (100,000 in about
 //! 0.1 s), so the deadlines all fall in as short a window: lateness here shows whether a
 //! layer's timeout path keeps up with about a million expiries a second on 2 workers as much
