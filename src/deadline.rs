@@ -236,6 +236,7 @@ struct Scope {
 }
 
 impl Scope {
+    #[inline(always)]
     fn with(self, when: When) -> Self {
         match when {
             When::At(at) => Scope {
@@ -258,6 +259,7 @@ impl Scope {
     }
 }
 
+#[inline(always)]
 fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -288,7 +290,7 @@ pub(crate) fn call_instant() -> Option<Instant> {
 }
 
 /// Puts `deadline` in force (the earlier of it and the one in force already) until dropped.
-#[inline]
+#[inline(always)]
 pub(crate) fn enter(deadline: When) -> ScopeGuard {
     ScopeGuard::enter(&CURRENT, deadline)
 }
@@ -306,7 +308,7 @@ pub(crate) struct ScopeGuard {
 }
 
 impl ScopeGuard {
-    #[inline]
+    #[inline(always)]
     fn enter(slot: &'static std::thread::LocalKey<Cell<Scope>>, deadline: When) -> Self {
         let outer = slot.get();
         slot.set(outer.with(deadline));
@@ -315,7 +317,7 @@ impl ScopeGuard {
 }
 
 impl Drop for ScopeGuard {
-    #[inline]
+    #[inline(always)]
     fn drop(&mut self) {
         self.slot.set(self.outer);
     }

@@ -26,7 +26,7 @@ pin_project! {
         timeout: Duration,
         status: StatusCode,
         // The request's content-type, when it is gRPC.
-        grpc: Option<HeaderValue>,
+        grpc: Option<Box<HeaderValue>>,
         responses: ResponseConfig,
     }
 }
@@ -105,7 +105,7 @@ where
         ready!(expired);
         let finished = this.inner.finish();
         let outcome = Outcome::response_timeout(*this.timeout, *this.status);
-        let response = this.responses.generate(outcome, this.grpc.as_ref());
+        let response = this.responses.generate(outcome, this.grpc.as_deref());
         Poll::Ready(finished.respond(Ok(response), None))
     }
 }

@@ -160,10 +160,9 @@ pub(super) struct Limit {
     pub(super) when: When,
     /// The limit as reported: the time from `call` to the deadline.
     pub(super) timeout: Duration,
-    /// The deadline the request came with, if it had a header for one.
-    budget: Option<Budget>,
-    /// The request's `content-type`, when it is gRPC (and gets gRPC answers).
-    pub(super) grpc: Option<HeaderValue>,
+    /// The request's `content-type`, when it is gRPC (and gets gRPC answers). Boxed, so that
+    /// the response future of every other request stays small.
+    pub(super) grpc: Option<Box<HeaderValue>>,
 }
 
 impl<S> ResponseTimeout<S> {
@@ -177,21 +176,19 @@ impl<S> ResponseTimeout<S> {
         let config = &self.config;
         let given = request.extensions().get::<Deadline>().copied();
         let content_type = grpc::grpc_content_type(request.headers());
-        let budget = self.budget(request, content_type.is_some());
-        let grpc = content_type
-            .filter(|_| config.responses.answers_grpc())
-            .cloned();
-        let caller = match &budget {
+        let caller = match self.budget(request, content_type.is_some()) {
             Some(Budget::Given(budget)) => Some(budget.saturating_sub(config.incoming.margin)),
             _ => None,
         };
+        let grpc = content_type
+            .filter(|_| config.responses.answers_grpc())
+            .map(|content_type| Box::new(content_type.clone()));
         if given.is_none() && caller.is_none() {
             // The layer's own limit alone: from the first poll that finds the response not
             // ready, so that a response ready at once reads no clock.
             return Limit {
                 when: When::After(config.timeout),
                 timeout: config.timeout,
-                budget,
                 grpc,
             };
         }
@@ -227,7 +224,6 @@ impl<S> ResponseTimeout<S> {
         Limit {
             when: When::At(deadline),
             timeout,
-            budget,
             grpc,
         }
     }
@@ -256,16 +252,18 @@ impl<S> ResponseTimeout<S> {
     fn call_recorded<ReqBody>(
         &mut self,
         mut request: Request<ReqBody>,
-        mut limit: Limit,
+        limit: Limit,
     ) -> ResponseFuture<S::Future>
     where
         S: Service<Request<ReqBody>>,
     {
+        // The deadline the request came with, for the span: read again here, so that the
+        // path where nothing can see a recording carries nothing for it.
+        let is_grpc = grpc::grpc_content_type(request.headers()).is_some();
         let joining = Joining {
-            role: Role::Server,
             limit: Some(limit.timeout),
-            watches_disconnects: false,
-            budget: limit.budget.take(),
+            budget: self.budget(&request, is_grpc),
+            ..Joining::new(Role::Server)
         };
         let share = self.config.recorder.start(&mut request, joining);
         let inner = {
