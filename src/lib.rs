@@ -15,6 +15,10 @@
 //!   records a 499 and fires a [`ClientGone`] signal for the work the handler spawned.
 //! - On the upstream side of a gateway, [`ConnectTimeoutLayer`] times a client's connector, and
 //!   [`UpstreamFailureLayer`] turns the client's errors into 599 and 502 responses.
+//! - For gRPC requests, every generated response is a trailers-only gRPC status
+//!   (`DEADLINE_EXCEEDED`, `UNAVAILABLE`, …; see [`grpc`]), [`ResponseTimeoutLayer`] honours
+//!   the caller's `grpc-timeout` (capped by its own limit), and [`PropagateDeadlineLayer`]
+//!   passes what is left of it on to upstream calls (see [`deadline`]).
 //! - Every request through them ends with exactly one [`Outcome`], recorded once into one
 //!   [span](trace), as an event when it is not a normal completion, and through an
 //!   [`on_outcome`](ClientDisconnectLayer::on_outcome) hook, whatever the order of the layers

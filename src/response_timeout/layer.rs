@@ -4,7 +4,7 @@ use http::header::HeaderName;
 use http::StatusCode;
 use tower_layer::Layer;
 
-use super::{Config, Incoming, ResponseTimeout};
+use super::{Config, ResponseTimeout};
 use crate::record::Recorder;
 use crate::response::ResponseConfig;
 
@@ -40,11 +40,7 @@ impl ResponseTimeoutLayer {
                 status: StatusCode::GATEWAY_TIMEOUT,
                 responses: ResponseConfig::new(),
                 recorder: Recorder::new(),
-                incoming: Incoming {
-                    grpc_timeout: true,
-                    header: None,
-                    margin: DEFAULT_DEADLINE_MARGIN,
-                },
+                incoming: None,
             },
         }
     }
@@ -52,7 +48,7 @@ impl ResponseTimeoutLayer {
     /// Ignores the `grpc-timeout` of gRPC requests (honoured by default: it shortens the
     /// request's limit, never lengthens it). See [`deadline`](crate::deadline).
     pub fn ignore_grpc_timeout(mut self) -> Self {
-        self.config.incoming.grpc_timeout = false;
+        self.config.incoming_mut().grpc_timeout = false;
         self
     }
 
@@ -61,7 +57,7 @@ impl ResponseTimeoutLayer {
     /// only from callers you would let cancel their own requests (see
     /// [`deadline`](crate::deadline#where-a-requests-deadline-comes-from)).
     pub fn deadline_header(mut self, header: HeaderName) -> Self {
-        self.config.incoming.header = Some(header);
+        self.config.incoming_mut().header = Some(header);
         self
     }
 
@@ -77,7 +73,7 @@ impl ResponseTimeoutLayer {
     /// tonic server drops looks, to a [`ClientDisconnectLayer`](crate::ClientDisconnectLayer)
     /// inside, like a client that left.
     pub fn deadline_margin(mut self, margin: Duration) -> Self {
-        self.config.incoming.margin = margin;
+        self.config.incoming_mut().margin = margin;
         self
     }
 

@@ -59,6 +59,7 @@ mod layer;
 pub use self::future::ResponseFuture;
 pub use self::layer::{ResponseTimeoutLayer, DEFAULT_DEADLINE_MARGIN};
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -81,7 +82,9 @@ pub(crate) struct Config {
     pub(crate) status: StatusCode,
     pub(crate) responses: ResponseConfig,
     pub(crate) recorder: Recorder,
-    pub(crate) incoming: Incoming,
+    /// `None` for the defaults, so that a service, which axum clones for every request, stays
+    /// small and costs nothing more to clone.
+    pub(crate) incoming: Option<Arc<Incoming>>,
 }
 
 /// Which deadlines a caller may send, and the margin taken off them.
@@ -90,6 +93,27 @@ pub(crate) struct Incoming {
     pub(crate) grpc_timeout: bool,
     pub(crate) header: Option<HeaderName>,
     pub(crate) margin: Duration,
+}
+
+/// The defaults: `grpc-timeout` honoured, no header, a margin of
+/// [`DEFAULT_DEADLINE_MARGIN`].
+static DEFAULT_INCOMING: Incoming = Incoming {
+    grpc_timeout: true,
+    header: None,
+    margin: DEFAULT_DEADLINE_MARGIN,
+};
+
+impl Config {
+    pub(crate) fn incoming(&self) -> &Incoming {
+        self.incoming.as_deref().unwrap_or(&DEFAULT_INCOMING)
+    }
+
+    pub(crate) fn incoming_mut(&mut self) -> &mut Incoming {
+        Arc::make_mut(
+            self.incoming
+                .get_or_insert_with(|| Arc::new(DEFAULT_INCOMING.clone())),
+        )
+    }
 }
 
 /// Answers with a generated response when the inner service does not respond in time.
@@ -177,7 +201,7 @@ impl<S> ResponseTimeout<S> {
         let given = request.extensions().get::<Deadline>().copied();
         let content_type = grpc::grpc_content_type(request.headers());
         let caller = match self.budget(request, content_type.is_some()) {
-            Some(Budget::Given(budget)) => Some(budget.saturating_sub(config.incoming.margin)),
+            Some(Budget::Given(budget)) => Some(budget.saturating_sub(config.incoming().margin)),
             _ => None,
         };
         let grpc = content_type
@@ -232,7 +256,7 @@ impl<S> ResponseTimeout<S> {
     /// header.
     #[inline(always)]
     fn budget<B>(&self, request: &Request<B>, is_grpc: bool) -> Option<Budget> {
-        let incoming = &self.config.incoming;
+        let incoming = self.config.incoming();
         let headers = request.headers();
         let parsed = if is_grpc && incoming.grpc_timeout {
             let value = headers.get(grpc::GRPC_TIMEOUT)?;
