@@ -17,6 +17,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
+
+use crate::deadline::When;
 use tokio::task::unconstrained;
 use tokio::time::{sleep_until, Instant, Sleep};
 
@@ -61,12 +63,14 @@ impl Timer {
         }
     }
 
-    /// When the timer fires, once that is known: an absolute limit, or one armed.
-    pub(crate) fn deadline(&self) -> Option<Instant> {
+    /// When the timer fires: a limit from the first poll until it is armed, then the deadline
+    /// it is armed for.
+    pub(crate) fn when(&self) -> When {
         match &self.slot {
-            Slot::At { deadline } => Some(*deadline),
-            Slot::Armed { sleep } => Some(sleep.deadline()),
-            Slot::After { .. } | Slot::Never => None,
+            Slot::After { timeout } => When::After(*timeout),
+            Slot::At { deadline } => When::At(Some(*deadline)),
+            Slot::Armed { sleep } => When::At(Some(sleep.deadline())),
+            Slot::Never => When::At(None),
         }
     }
 
@@ -145,9 +149,9 @@ mod tests {
         let mut timer = pin!(Timer::after(Duration::from_secs(1)));
         tokio::time::advance(Duration::from_secs(5)).await;
         let start = Instant::now();
-        assert_eq!(timer.deadline(), None);
+        assert_eq!(timer.when(), When::After(Duration::from_secs(1)));
         assert!(timer.as_mut().poll_expired(&mut noop_cx()).is_pending());
-        assert_eq!(timer.deadline(), Some(start + Duration::from_secs(1)));
+        assert_eq!(timer.when(), When::At(Some(start + Duration::from_secs(1))));
         poll_fn(|cx| timer.as_mut().poll_expired(cx)).await;
         assert_eq!(start.elapsed(), Duration::from_secs(1));
     }

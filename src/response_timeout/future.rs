@@ -20,8 +20,6 @@ pin_project! {
         inner: Guarded<F>,
         #[pin]
         timer: Timer,
-        // The deadline, in force while the inner future is polled.
-        when: When,
         // The limit, as reported.
         timeout: Duration,
         status: StatusCode,
@@ -51,7 +49,6 @@ impl<F> ResponseFuture<F> {
                 When::At(None) => Timer::never(),
                 When::After(timeout) => Timer::after(timeout),
             },
-            when: limit.when,
             timeout: limit.timeout,
             status: config.status,
             grpc: limit.grpc,
@@ -82,7 +79,8 @@ where
         // The inner future first: a response that is ready wins a tie with the timer, and a
         // response ready at its first poll never registers a timer.
         let polled = {
-            let _scope = deadline::enter(*this.when);
+            // The timer's deadline is in force while the inner future is polled.
+            let _scope = deadline::enter(this.timer.when());
             this.inner.as_mut().poll(cx)
         };
         if polled.is_ready() {
@@ -95,14 +93,7 @@ where
             }
             return polled.map(|result| finished.respond(wrap(result), None));
         }
-        let expired = this.timer.as_mut().poll_expired(cx);
-        if let When::After(_) = this.when {
-            // Armed now: the deadline in force from the next poll on.
-            if let Some(deadline) = this.timer.deadline() {
-                *this.when = When::At(Some(deadline));
-            }
-        }
-        ready!(expired);
+        ready!(this.timer.poll_expired(cx));
         let finished = this.inner.finish();
         let outcome = Outcome::response_timeout(*this.timeout, *this.status);
         let response = this.responses.generate(outcome, this.grpc.as_deref());
