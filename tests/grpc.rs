@@ -861,13 +861,7 @@ async fn a_propagated_deadline_shortens_the_connect_of_an_upstream_call() {
     request
         .extensions_mut()
         .insert(Deadline::after(Duration::from_millis(300)));
-    let started = tokio::time::Instant::now();
     let response = upstream.oneshot(request).await.unwrap();
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
     assert_eq!(response.status().as_u16(), 599);
     let outcome = response
         .extensions()

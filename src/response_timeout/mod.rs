@@ -18,7 +18,7 @@
 //!
 //! - The limit is the earliest of the layer's own (or a [`Deadline`] a user put into the
 //!   request in its place), the caller's deadline (`grpc-timeout` on a gRPC request, less a
-//!   margin; see [`deadline`](crate::deadline)), and a deadline in force that a layer put into
+//!   margin; see [`deadline`]), and a deadline in force that a layer put into
 //!   the request. While the layer calls and polls the inner service, that deadline is in
 //!   force: [`Deadline::current`].
 //! - The layer's own limit runs from the **first poll** of the response future. Servers poll
@@ -42,7 +42,7 @@
 //!   request whose response is not ready at its first poll, without a timer. A limit beyond the
 //!   clock's range (`Duration::MAX`) never fires and never registers a timer. Neither panics.
 //! - For a gRPC request, the answer is a trailers-only `DEADLINE_EXCEEDED` (HTTP 200); see
-//!   [`grpc`](crate::grpc).
+//!   [`grpc`].
 //!
 //! # Differences from `tower::timeout` and `tower_http::timeout`
 //!
