@@ -69,7 +69,9 @@
 //! Before any hook is configured in the process and while no tracing subscriber is interested
 //! in anything, no layer opens or joins an exchange: there is nothing to record into, and each
 //! layer acts alone (its timeout, its signal), which the extents alone keep right. That is the
-//! path with no allocation of the crate's own.
+//! path with no allocation of the crate's own (but for a gRPC request, whose `content-type` a
+//! `ResponseTimeout` keeps to answer it, and whose caller's deadline goes into its
+//! extensions).
 //!
 //! # What tower's model makes impossible
 //!
@@ -135,7 +137,8 @@ impl<'a> Report<'a> {
 
     /// The time from the outermost layer's `call` to the outcome: to the end of the body (or
     /// the client leaving) when a [`ClientDisconnectLayer`](crate::ClientDisconnectLayer) is on
-    /// the request, to the response head otherwise.
+    /// the request or the request is gRPC and its status comes in the trailers, to the
+    /// response head otherwise.
     pub fn elapsed(&self) -> Duration {
         self.elapsed
     }
