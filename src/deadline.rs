@@ -259,8 +259,9 @@ impl Scope {
     }
 }
 
+/// The earlier of two deadlines, `None` standing for none.
 #[inline(always)]
-fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+pub(crate) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),

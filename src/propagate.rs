@@ -205,11 +205,7 @@ where
             .extensions()
             .get::<Deadline>()
             .and_then(|deadline| deadline.instant_from(now));
-        let deadline = match (given, deadline::current_instant()) {
-            (Some(given), Some(current)) => Some(given.min(current)),
-            (given, current) => given.or(current),
-        };
-        let Some(deadline) = deadline else {
+        let Some(deadline) = deadline::earliest(given, deadline::current_instant()) else {
             return PropagateFuture::new(
                 Call::Called {
                     future: self.inner.call(request),
