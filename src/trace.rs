@@ -146,6 +146,11 @@ pub const UPSTREAM_SPAN_NAME: &str = "upstream";
 /// # let _ = trace;
 /// ```
 pub fn make_span<B>(request: &Request<B>) -> Span {
+    make_request_span(request, crate::grpc::is_grpc(request.headers()))
+}
+
+/// [`make_span`], for a request already known to be gRPC or not.
+pub(crate) fn make_request_span<B>(request: &Request<B>, is_grpc: bool) -> Span {
     let span = tracing::info_span!(
         SPAN_NAME,
         { HTTP_REQUEST_METHOD } = %request.method(),
@@ -172,14 +177,14 @@ pub fn make_span<B>(request: &Request<B>) -> Span {
                 String::from_utf8_lossy(agent.as_bytes()).as_ref(),
             );
         }
-        record_rpc(&span, request);
+        record_rpc(&span, request, is_grpc);
     }
     span
 }
 
-/// The RPC fields of a gRPC request.
-fn record_rpc<B>(span: &Span, request: &Request<B>) {
-    if crate::grpc::is_grpc(request.headers()) {
+/// The RPC fields of a request, when it is gRPC.
+fn record_rpc<B>(span: &Span, request: &Request<B>, is_grpc: bool) {
+    if is_grpc {
         span.record(RPC_SYSTEM_NAME, "grpc");
         span.record(RPC_METHOD, crate::grpc::rpc_method(request.uri().path()));
     }
@@ -204,7 +209,11 @@ pub(crate) fn record_budget(span: &Span, budget: Option<&Budget>) {
 /// Opens the span of a call a handler makes upstream (at INFO, named [`UPSTREAM_SPAN_NAME`],
 /// `otel.kind = client`): a child of `parent` (the span of the request the handler serves,
 /// when the upstream request carries that request's extensions), else of the current span.
-pub(crate) fn make_upstream_span<B>(request: &Request<B>, parent: Option<&Span>) -> Span {
+pub(crate) fn make_upstream_span<B>(
+    request: &Request<B>,
+    parent: Option<&Span>,
+    is_grpc: bool,
+) -> Span {
     let uri = request.uri();
     let port = uri.port_u16().or(match uri.scheme_str() {
         Some("https") => Some(443),
@@ -240,7 +249,7 @@ pub(crate) fn make_upstream_span<B>(request: &Request<B>, parent: Option<&Span>)
         None => upstream_span!(),
     };
     if !span.is_disabled() {
-        record_rpc(&span, request);
+        record_rpc(&span, request, is_grpc);
     }
     span
 }

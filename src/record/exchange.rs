@@ -173,14 +173,15 @@ impl Exchange {
         let level = (role == Role::Server
             && tracing::level_filters::LevelFilter::current() >= recorder.level)
             .then_some(recorder.level);
+        let grpc = crate::grpc::is_grpc(request.headers());
         let span = match role {
             // With no subscriber ever set, no span is made: tracing would otherwise hand each
             // one to its `log` fallback (when its `log` feature is on, as axum's default
             // features turn it on), at the cost of building all its fields for nothing.
             _ if !tracing::dispatcher::has_been_set() => Span::none(),
             Role::Server if recorder.current_span => Span::current(),
-            Role::Server => trace::make_span(request),
-            Role::Client => trace::make_upstream_span(request, parent.as_ref()),
+            Role::Server => trace::make_request_span(request, grpc),
+            Role::Client => trace::make_upstream_span(request, parent.as_ref(), grpc),
         };
         let hook = OnceLock::new();
         if let Some(own) = &recorder.hook {
@@ -189,7 +190,7 @@ impl Exchange {
         trace::record_budget(&span, joining.budget.as_ref());
         Exchange {
             role,
-            grpc: crate::grpc::is_grpc(request.headers()),
+            grpc,
             grpc_code: AtomicU16::new(NO_CODE),
             start: Instant::now(),
             method: request.method().clone(),
