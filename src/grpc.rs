@@ -32,6 +32,8 @@
 //! | [`ConnectTimeout`](crate::Outcome::ConnectTimeout), [`ConnectFailed`](crate::Outcome::ConnectFailed) (refused, unreachable, DNS) | `UNAVAILABLE` (14) |
 //! | [`UpstreamFailed`](crate::Outcome::UpstreamFailed) `connection_terminated` (the upstream hung up or reset) | `UNAVAILABLE` (14) |
 //! | `UpstreamFailed` `http_protocol_error`, `proxy_internal_error` | `INTERNAL` (13) |
+//! | [`RequestBodyTimeout`](crate::Outcome::RequestBodyTimeout) (the client too slow to send) | `DEADLINE_EXCEEDED` (4) |
+//! | [`ResponseBodyTimeout`](crate::Outcome::ResponseBodyTimeout) (a stream stalled; sent in the trailers) | `DEADLINE_EXCEEDED` (4) |
 //! | [`ClientDisconnected`](crate::Outcome::ClientDisconnected) | recorded as `CANCELLED` (1) beside the 499; nothing is sent |
 //!
 //! Why: a timeout is `DEADLINE_EXCEEDED`, which clients do not retry on their own (Envoy and
@@ -170,9 +172,10 @@ impl fmt::Display for GrpcCode {
 /// The default gRPC status for a generated response (see the [module docs](self#statuses)).
 pub fn default_code(outcome: &Outcome) -> GrpcCode {
     match outcome {
-        Outcome::ResponseTimeout { .. } | Outcome::DeadlineExceeded { .. } => {
-            GrpcCode::DEADLINE_EXCEEDED
-        }
+        Outcome::ResponseTimeout { .. }
+        | Outcome::DeadlineExceeded { .. }
+        | Outcome::RequestBodyTimeout { .. }
+        | Outcome::ResponseBodyTimeout { .. } => GrpcCode::DEADLINE_EXCEEDED,
         Outcome::ConnectTimeout { .. } | Outcome::ConnectFailed { .. } => GrpcCode::UNAVAILABLE,
         Outcome::UpstreamFailed {
             error: ProxyError::ConnectionTerminated,
@@ -286,6 +289,14 @@ pub(crate) fn message(outcome: &Outcome) -> String {
         Outcome::DeadlineExceeded { .. } => {
             "tower-timeouts: the deadline passed before the upstream call was sent".to_owned()
         }
+        Outcome::RequestBodyTimeout { timeout, .. } => format!(
+            "tower-timeouts: the request body did not arrive within {} ms",
+            timeout.as_millis()
+        ),
+        Outcome::ResponseBodyTimeout { timeout, .. } => format!(
+            "tower-timeouts: the response stream stalled ({} ms limit)",
+            timeout.as_millis()
+        ),
         Outcome::ConnectTimeout { .. } => {
             "tower-timeouts: upstream connect timed out (connection_timeout)".to_owned()
         }

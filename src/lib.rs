@@ -54,6 +54,7 @@
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
+pub mod body_timeout;
 pub mod client_disconnect;
 pub mod connect_timeout;
 pub mod deadline;
@@ -71,6 +72,10 @@ pub mod upstream;
 #[cfg(test)]
 mod test_support;
 
+pub use self::body_timeout::{
+    BodyTimeoutError, RequestBodyTimeout, RequestBodyTimeoutLayer, ResponseBodyTimeout,
+    ResponseBodyTimeoutLayer,
+};
 pub use self::client_disconnect::{ClientDisconnect, ClientDisconnectLayer};
 pub use self::connect_timeout::{ConnectTimeout, ConnectTimeoutError, ConnectTimeoutLayer};
 pub use self::deadline::Deadline;

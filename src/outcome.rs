@@ -129,6 +129,31 @@ pub enum Outcome {
         /// The status already sent, for a panic during the body.
         sent_status: Option<StatusCode>,
     },
+    /// The client was too slow to send its request body: a
+    /// [`RequestBodyTimeoutLayer`](crate::RequestBodyTimeoutLayer) limit fired while the
+    /// handler waited for the body, before the body had fully arrived. The handler was dropped,
+    /// and the layer answered in its place (408 with `Connection: close` on HTTP/1; gRPC
+    /// `DEADLINE_EXCEEDED`), whatever the handler made of the body's error.
+    #[non_exhaustive]
+    RequestBodyTimeout {
+        /// The limit that fired (the idle or the total one).
+        timeout: Duration,
+        /// The status that was sent (408, or 200 with `grpc-status: 4` for gRPC).
+        status: StatusCode,
+    },
+    /// The response body stalled or ran too long after its head: a
+    /// [`ResponseBodyTimeoutLayer`](crate::ResponseBodyTimeoutLayer) limit fired and ended the
+    /// response (an HTTP/2 stream reset with `CANCEL`, a closed HTTP/1 connection, or gRPC
+    /// trailers with `DEADLINE_EXCEEDED`).
+    #[non_exhaustive]
+    ResponseBodyTimeout {
+        /// The limit that fired (the idle or the total one).
+        timeout: Duration,
+        /// The status already sent with the head.
+        sent_status: StatusCode,
+        /// Body bytes handed to the server before the limit fired.
+        bytes_sent: u64,
+    },
     /// The response future was dropped before the response, and no
     /// [`ClientDisconnectLayer`](crate::ClientDisconnectLayer) was there to tell why (a client
     /// leaving, an outer timeout, a server shutting down all look the same from inside).
@@ -181,6 +206,22 @@ impl Outcome {
         Outcome::Panicked { phase, sent_status }
     }
 
+    pub(crate) fn request_body_timeout(timeout: Duration, status: StatusCode) -> Self {
+        Outcome::RequestBodyTimeout { timeout, status }
+    }
+
+    pub(crate) fn response_body_timeout(
+        timeout: Duration,
+        sent_status: StatusCode,
+        bytes_sent: u64,
+    ) -> Self {
+        Outcome::ResponseBodyTimeout {
+            timeout,
+            sent_status,
+            bytes_sent,
+        }
+    }
+
     pub(crate) fn dropped() -> Self {
         Outcome::Dropped {}
     }
@@ -194,8 +235,10 @@ impl Outcome {
             | Outcome::DeadlineExceeded { status }
             | Outcome::ConnectTimeout { status, .. }
             | Outcome::ConnectFailed { status, .. }
-            | Outcome::UpstreamFailed { status, .. } => *status = sent,
+            | Outcome::UpstreamFailed { status, .. }
+            | Outcome::RequestBodyTimeout { status, .. } => *status = sent,
             Outcome::ClientDisconnected { .. }
+            | Outcome::ResponseBodyTimeout { .. }
             | Outcome::Failed { .. }
             | Outcome::Panicked { .. }
             | Outcome::Dropped {} => {}
@@ -205,7 +248,8 @@ impl Outcome {
 
     /// A short, stable name for the outcome: the value of the `tower_timeouts.outcome` span
     /// field (`completed`, `response_timeout`, `deadline_exceeded`, `connect_timeout`, `connect_failed`,
-    /// `upstream_failed`, `client_disconnected`, `failed`, `panicked`, `dropped`).
+    /// `upstream_failed`, `request_body_timeout`, `response_body_timeout`,
+    /// `client_disconnected`, `failed`, `panicked`, `dropped`).
     pub fn kind(&self) -> &'static str {
         match self {
             Outcome::Completed { .. } => "completed",
@@ -214,6 +258,8 @@ impl Outcome {
             Outcome::ConnectTimeout { .. } => "connect_timeout",
             Outcome::ConnectFailed { .. } => "connect_failed",
             Outcome::UpstreamFailed { .. } => "upstream_failed",
+            Outcome::RequestBodyTimeout { .. } => "request_body_timeout",
+            Outcome::ResponseBodyTimeout { .. } => "response_body_timeout",
             Outcome::ClientDisconnected { .. } => "client_disconnected",
             Outcome::Failed { .. } => "failed",
             Outcome::Panicked { .. } => "panicked",
@@ -233,7 +279,12 @@ impl Outcome {
             | Outcome::DeadlineExceeded { status }
             | Outcome::ConnectTimeout { status, .. }
             | Outcome::ConnectFailed { status, .. }
-            | Outcome::UpstreamFailed { status, .. } => Some(*status),
+            | Outcome::UpstreamFailed { status, .. }
+            | Outcome::RequestBodyTimeout { status, .. }
+            | Outcome::ResponseBodyTimeout {
+                sent_status: status,
+                ..
+            } => Some(*status),
             Outcome::ClientDisconnected { sent_status, .. }
             | Outcome::Failed { sent_status, .. }
             | Outcome::Panicked { sent_status, .. } => *sent_status,
@@ -264,6 +315,8 @@ impl Outcome {
             Outcome::ConnectFailed { error, .. } | Outcome::UpstreamFailed { error, .. } => {
                 Some(error.token())
             }
+            Outcome::RequestBodyTimeout { .. } => Some("request_body_timeout"),
+            Outcome::ResponseBodyTimeout { .. } => Some("response_body_timeout"),
             Outcome::ClientDisconnected { .. } => Some("client_disconnected"),
             Outcome::Failed {
                 phase: Phase::BeforeHead,
@@ -280,10 +333,12 @@ impl Outcome {
 
     /// The error type a generated response names in `Proxy-Status`: the RFC 9209 one. A
     /// deadline that passed before an upstream call is `http_response_timeout` there (the
-    /// registry has nothing closer), `deadline_exceeded` as `error.type`.
+    /// registry has nothing closer), `deadline_exceeded` as `error.type`; a request body too
+    /// slow to arrive is `http_request_error` (the proxy answers a 4xx on the origin's behalf).
     pub(crate) fn proxy_error(&self) -> Option<&'static str> {
         match self {
             Outcome::DeadlineExceeded { .. } => Some(ProxyError::HttpResponseTimeout.token()),
+            Outcome::RequestBodyTimeout { .. } => Some("http_request_error"),
             other => other.error_type(),
         }
     }
@@ -291,10 +346,13 @@ impl Outcome {
     /// Whether the span status is an error (`otel.status_code = "ERROR"`).
     ///
     /// Following the OpenTelemetry HTTP server conventions: a completion is an error only with a
-    /// 5xx status; every incomplete exchange (a timeout, a failure, a client gone) is an error.
+    /// 5xx status, and so is a request body too slow to arrive (a 4xx, the client's fault);
+    /// every other incomplete exchange (a timeout, a failure, a client gone) is an error.
     pub fn is_error(&self) -> bool {
         match self {
-            Outcome::Completed { status } => status.is_server_error(),
+            Outcome::Completed { status } | Outcome::RequestBodyTimeout { status, .. } => {
+                status.is_server_error()
+            }
             _ => true,
         }
     }

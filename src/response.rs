@@ -310,6 +310,13 @@ impl ResponseConfig {
                 response.headers_mut().insert(PROXY_STATUS, value);
             } else {
                 let mut value = format!("{}; error={error}", String::from_utf8_lossy(name));
+                if let Outcome::RequestBodyTimeout { status, .. } = &outcome {
+                    // The 4xx answered on the origin's behalf (RFC 9209 `http_request_error`);
+                    // a gRPC answer's 200 is not one.
+                    if status.is_client_error() {
+                        value.push_str(&format!("; status-code={}", status.as_u16()));
+                    }
+                }
                 if let Some(details) = details {
                     value.push_str("; details=");
                     push_sf_string(&mut value, details);

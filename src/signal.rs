@@ -41,7 +41,7 @@
 
 use std::cell::Cell;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::Notify;
@@ -50,6 +50,9 @@ use tokio::sync::Notify;
 ///
 /// Cheap to clone; all clones see the same signal. It fires only for a client that left: a
 /// request that ends in any other way (a normal completion, a timeout, an error) never fires it.
+/// [`cancelled`](Self::cancelled) is the wider signal: it also fires, with
+/// [`Cancelled::Abandoned`], when the crate's layers give up on the response (a timeout, a body
+/// limit), so that spawned work can stop then too.
 ///
 /// Made on first use, so that requests nobody asks about cost nothing: get it with
 /// [`ClientGone::current`] from the handler (or, in axum, with the extractor), or from the
@@ -61,8 +64,25 @@ pub struct ClientGone {
 
 #[derive(Default)]
 struct Shared {
-    gone: AtomicBool,
+    /// `NONE`, or the [`Cancelled`] reason, set once.
+    state: AtomicU8,
     notify: Notify,
+}
+
+const NONE: u8 = 0;
+const CLIENT_LEFT: u8 = 1;
+const ABANDONED: u8 = 2;
+
+/// Why a request's work was cancelled: what [`ClientGone::cancelled`] tells.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Cancelled {
+    /// The client left before its response was done: what [`ClientGone::gone`] waits for.
+    ClientLeft,
+    /// The crate's layers gave up on the response while the client was still there: a limit
+    /// answered in the handler's place (a 504, a 408, a gRPC `DEADLINE_EXCEEDED`), a
+    /// response-body limit ended the stream, or the response body failed.
+    Abandoned,
 }
 
 impl fmt::Debug for ClientGone {
@@ -165,23 +185,79 @@ impl ClientGone {
 
     /// Whether the client has left.
     pub fn is_gone(&self) -> bool {
-        self.shared.gone.load(Ordering::Acquire)
+        self.reason() == Some(Cancelled::ClientLeft)
     }
 
-    /// Waits until the client has left; at once if it already has. Cancel-safe.
+    /// Why the request's work was cancelled, if it was: the client left, or the crate's
+    /// layers gave up on the response.
+    pub fn reason(&self) -> Option<Cancelled> {
+        match self.shared.state.load(Ordering::Acquire) {
+            CLIENT_LEFT => Some(Cancelled::ClientLeft),
+            ABANDONED => Some(Cancelled::Abandoned),
+            _ => None,
+        }
+    }
+
+    /// Waits until the client has left; at once if it already has. Never returns for a
+    /// request whose response was given up for another reason (see
+    /// [`cancelled`](Self::cancelled)). Cancel-safe.
     pub async fn gone(&self) {
+        while self.cancelled().await != Cancelled::ClientLeft {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Waits until the request's work is cancelled, for any reason, and tells which: the client
+    /// left ([`Cancelled::ClientLeft`]), or the crate's layers gave up on the response
+    /// ([`Cancelled::Abandoned`]: a timeout answered in its place, a body limit ended it). A
+    /// response that completes normally never cancels. Cancel-safe.
+    ///
+    /// ```
+    /// use tower_timeouts::signal::Cancelled;
+    /// use tower_timeouts::ClientGone;
+    ///
+    /// async fn spawned_work(signal: ClientGone) {
+    ///     tokio::select! {
+    ///         reason = signal.cancelled() => match reason {
+    ///             Cancelled::ClientLeft => { /* nobody is waiting: stop */ }
+    ///             _ => { /* the response was given up: stop, and log why */ }
+    ///         },
+    ///         _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => { /* done */ }
+    ///     }
+    /// }
+    /// # let _ = spawned_work;
+    /// ```
+    pub async fn cancelled(&self) -> Cancelled {
         let notified = self.shared.notify.notified();
         let mut notified = std::pin::pin!(notified);
         notified.as_mut().enable();
-        if self.is_gone() {
-            return;
+        if let Some(reason) = self.reason() {
+            return reason;
         }
         notified.await;
+        self.reason().unwrap_or(Cancelled::Abandoned)
     }
 
+    /// The client left.
     pub(crate) fn fire(&self) {
-        self.shared.gone.store(true, Ordering::Release);
-        self.shared.notify.notify_waiters();
+        self.cancel(CLIENT_LEFT);
+    }
+
+    /// The crate's layers gave up on the response while the client was still there.
+    pub(crate) fn abandon(&self) {
+        self.cancel(ABANDONED);
+    }
+
+    /// The first reason stays.
+    fn cancel(&self, reason: u8) {
+        let shared = &self.shared;
+        if shared
+            .state
+            .compare_exchange(NONE, reason, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            shared.notify.notify_waiters();
+        }
     }
 }
 
@@ -274,5 +350,33 @@ mod tests {
         assert!(gone.is_gone());
         // A waiter that comes after the signal returns at once.
         gone.gone().await;
+        assert_eq!(gone.cancelled().await, Cancelled::ClientLeft);
+        // The first reason stays.
+        gone.abandon();
+        assert_eq!(gone.reason(), Some(Cancelled::ClientLeft));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_response_cancels_without_saying_the_client_left() {
+        let gone = ClientGone::new();
+        let cancelled = tokio::spawn({
+            let gone = gone.clone();
+            async move { gone.cancelled().await }
+        });
+        let left = tokio::spawn({
+            let gone = gone.clone();
+            async move { gone.gone().await }
+        });
+        tokio::task::yield_now().await;
+        gone.abandon();
+        assert_eq!(cancelled.await.unwrap(), Cancelled::Abandoned);
+        assert!(!gone.is_gone());
+        assert_eq!(gone.reason(), Some(Cancelled::Abandoned));
+        // `gone` still waits: the client did not leave.
+        tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+        assert!(!left.is_finished());
+        // Nor does a client leaving afterwards change the reason.
+        gone.fire();
+        assert!(!gone.is_gone());
     }
 }

@@ -74,6 +74,27 @@ impl Timer {
         }
     }
 
+    /// Aims the timer at `deadline`: the armed timer is moved (one registration, where a new one
+    /// would be a deregistration and a registration), an unarmed one armed at its next poll.
+    #[inline]
+    pub(crate) fn reset_at(self: Pin<&mut Self>, deadline: Instant) {
+        let mut slot = self.project().slot;
+        match slot.as_mut().project() {
+            SlotProj::Armed { sleep } => sleep.reset(deadline),
+            _ => slot.set(Slot::At { deadline }),
+        }
+    }
+
+    /// Whether the armed timer has fired, without reading the clock or polling it: tokio's
+    /// driver marks it when it fires.
+    #[inline]
+    pub(crate) fn has_fired(&self) -> bool {
+        match &self.slot {
+            Slot::Armed { sleep } => sleep.is_elapsed(),
+            _ => false,
+        }
+    }
+
     #[cfg(test)]
     pub(crate) fn is_armed(&self) -> bool {
         matches!(self.slot, Slot::Armed { .. })

@@ -292,6 +292,8 @@ pub(crate) fn record_outcome(
         // The limit that fired, or else the one that binds.
         let fired = match outcome {
             Outcome::ResponseTimeout { timeout, .. }
+            | Outcome::RequestBodyTimeout { timeout, .. }
+            | Outcome::ResponseBodyTimeout { timeout, .. }
             | Outcome::ConnectTimeout {
                 timeout: Some(timeout),
                 ..

@@ -23,9 +23,11 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             // The inner future is dropped after this, by its guard, in the same extent.
-            if this.inner.is_dropped_by_server() {
-                if let Some(gone) = this.gone.as_ref() {
+            if let (Some(by_server), Some(gone)) = (this.inner.drops_early_by_server(), this.gone.as_ref()) {
+                if by_server {
                     gone.fire();
+                } else {
+                    gone.abandon();
                 }
             }
         }

@@ -55,6 +55,9 @@ pub(crate) struct Exchange {
     limit_ms: AtomicU64,
     /// Whether a layer on the request watches for clients that leave.
     watches_disconnects: AtomicBool,
+    /// Whether a layer on the request may end the body with an outcome of its own (a
+    /// response-body limit): the body is then followed to its end.
+    follows_body: AtomicBool,
     /// Whether the request is gRPC.
     grpc: bool,
     /// The gRPC status the response carried (in its head, or its trailers), when one passed:
@@ -86,6 +89,8 @@ pub(crate) struct Joining {
     /// The limit the layer applies to the request.
     pub(crate) limit: Option<Duration>,
     pub(crate) watches_disconnects: bool,
+    /// Whether the layer may end the response body with an outcome of its own.
+    pub(crate) follows_body: bool,
     /// The deadline the request came with (on a server), or was sent with (an upstream call).
     pub(crate) budget: Option<Budget>,
 }
@@ -106,6 +111,7 @@ impl Joining {
             role,
             limit: None,
             watches_disconnects: false,
+            follows_body: false,
             budget: None,
         }
     }
@@ -202,6 +208,7 @@ impl Exchange {
             hook,
             limit_ms: AtomicU64::new(joining.limit.map_or(u64::MAX, trace::duration_ms)),
             watches_disconnects: AtomicBool::new(joining.watches_disconnects),
+            follows_body: AtomicBool::new(joining.follows_body),
             stage: Mutex::new(Stage::Open),
         }
     }
@@ -219,6 +226,14 @@ impl Exchange {
         if joining.watches_disconnects {
             self.watches_disconnects.store(true, Ordering::Relaxed);
         }
+        if joining.follows_body {
+            self.follows_body.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// The exchange of `request`, if a layer opened one.
+    pub(crate) fn of<B>(request: &Request<B>) -> Option<Arc<Exchange>> {
+        request.extensions().get::<Handle>()?.0.upgrade()
     }
 
     pub(crate) fn span(&self) -> &Span {
@@ -253,7 +268,10 @@ impl Exchange {
     /// whether the body is to be followed.
     pub(crate) fn head(&self, outcome: Outcome, headers: &HeaderMap, may_follow: bool) -> bool {
         let status_to_come = self.grpc && !self.grpc_status_in(headers);
-        let follow = may_follow && (self.watches_disconnects() || status_to_come);
+        let follow = may_follow
+            && (self.watches_disconnects()
+                || self.follows_body.load(Ordering::Relaxed)
+                || status_to_come);
         self.step(|stage| stage.head(outcome, follow));
         follow
     }

@@ -69,6 +69,14 @@ pub(crate) fn nothing_can_see() -> bool {
     exchange::nothing_can_see()
 }
 
+/// Runs `f` (a drop of what a layer wraps) as *abandoned*: a layer gives up on it for a reason
+/// of its own, so that no layer inside takes the drop for a client leaving.
+#[inline]
+pub(crate) fn abandoning<R>(f: impl FnOnce() -> R) -> R {
+    let _extent = extent::enter(Extent::Abandoned);
+    f()
+}
+
 /// While a layer that records calls its inner service: the request's span is entered, and a
 /// request that the inner service makes meanwhile is an upstream call. It owns what it entered,
 /// so that the call site holds no borrow of the share across the call, and can move the share
@@ -190,12 +198,14 @@ impl<F> Guarded<F> {
         }
     }
 
-    /// Whether, dropped now, this hold would drop its inner future because the server dropped
-    /// the request (the client left); see [`extent::drop_reason`].
+    /// Whether, dropped now, this hold would drop its inner future before its end: `None` when
+    /// it would not (the future is done); else whether that is because the server dropped the
+    /// request (the client left) rather than a layer giving up on it; see
+    /// [`extent::drop_reason`].
     #[inline]
-    pub(crate) fn is_dropped_by_server(&self) -> bool {
+    pub(crate) fn drops_early_by_server(&self) -> Option<bool> {
         matches!(self.state, State::Running { .. })
-            && extent::drop_reason(self.polling) == Extent::ServerDropped
+            .then(|| extent::drop_reason(self.polling) == Extent::ServerDropped)
     }
 
     /// The inner future returned its output, or the layer gives up on it (its limit fired):
@@ -257,7 +267,14 @@ impl Finished {
         let owner = owner.filter(|exchange| {
             exchange.head(head_outcome(response), response.headers(), !generated)
         });
-        let gone = gone.filter(|_| !generated);
+        let gone = match gone {
+            // The crate answered in the handler's place: its work was given up on.
+            Some((gone, _)) if generated => {
+                gone.abandon();
+                None
+            }
+            gone => gone,
+        };
         let is_head = match (&owner, &gone) {
             (Some(exchange), _) => exchange.is_head_request(),
             (None, Some((_, is_head))) => *is_head,

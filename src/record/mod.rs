@@ -110,8 +110,8 @@ use crate::grpc::GrpcCode;
 use crate::outcome::Outcome;
 use tracing::Level;
 
-pub(crate) use self::exchange::{Budget, Joining, Role};
-pub(crate) use self::guard::{nothing_can_see, Followed, Guarded, Share};
+pub(crate) use self::exchange::{Budget, Exchange, Joining, Role};
+pub(crate) use self::guard::{abandoning, nothing_can_see, Followed, Guarded, Share};
 pub(crate) use self::tail::{poll_followed, Tail};
 
 /// What the [`on_outcome`](crate::ClientDisconnectLayer::on_outcome) hook is told when a

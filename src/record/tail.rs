@@ -127,6 +127,9 @@ impl Tail {
                     || progress.expected.is_some_and(|size| progress.bytes >= size);
             }
             Poll::Ready(Some(Err(_))) => {
+                if let Some(gone) = &self.gone {
+                    gone.abandon();
+                }
                 let failed = Outcome::failed(Phase::DuringBody, Some(progress.status));
                 if let Some(owner) = self.owner.take() {
                     if let Some(code) = self.ending {
@@ -182,9 +185,11 @@ impl Drop for Tail {
             return;
         }
         let reason = extent::drop_reason(false);
-        if reason == Extent::ServerDropped {
-            if let Some(gone) = &self.gone {
+        if let Some(gone) = &self.gone {
+            if reason == Extent::ServerDropped {
                 gone.fire();
+            } else {
+                gone.abandon();
             }
         }
         if let Some(owner) = &self.owner {
