@@ -203,3 +203,6 @@ macro_rules! limit_methods {
     };
 }
 use limit_methods;
+
+#[cfg(test)]
+mod tests;
