@@ -31,7 +31,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::{FromRef, Request, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use bytes::Bytes;
 use http::{header, StatusCode, Uri, Version};
@@ -40,15 +40,17 @@ use hyper::ext::ReasonPhrase;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
+use tokio_stream::StreamExt;
 use tower::{Layer, ServiceBuilder, ServiceExt};
 use tower_timeouts::response::PROXY_STATUS;
 use tower_timeouts::{
     ClientDisconnectLayer, ClientGone, ConnectTimeout, ConnectTimeoutLayer, Outcome, Report,
-    ResponseTimeout, ResponseTimeoutLayer, UpstreamFailure, UpstreamFailureLayer,
+    RequestBodyTimeoutLayer, ResponseBodyTimeoutLayer, ResponseTimeout, ResponseTimeoutLayer,
+    UpstreamFailure, UpstreamFailureLayer,
 };
 
 /// The server's limit on every response. Longer than the upstream routes' own limits below:
@@ -61,6 +63,10 @@ const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
 const UPSTREAM_RESPONSE_TIMEOUT: Duration = Duration::from_millis(300);
 /// How long `/slow` would take if nothing stopped it.
 const SLOW_HANDLER: Duration = Duration::from_secs(5);
+/// The longest wait for the next frame of a request body (`RequestBodyTimeoutLayer`).
+const UPLOAD_IDLE: Duration = Duration::from_millis(200);
+/// The longest wait for the next frame of a response body (`ResponseBodyTimeoutLayer`).
+const STREAM_IDLE: Duration = Duration::from_millis(200);
 /// The bound on every single wait of the driver (a response, an outcome, a signal).
 const WAIT: Duration = Duration::from_secs(2);
 /// The bound on the whole demo.
@@ -108,6 +114,35 @@ const SCENARIOS: &[Scenario] = &[
             proxy_status: None,
             client_gone_fires: true,
             limit: None,
+        },
+    },
+    // The body phase.
+    Scenario {
+        name: "stalled upload",
+        client: ClientAction::StallUpload("/upload"),
+        expect: Expect {
+            client_status: Some(408),
+            reason: Some("Request Timeout"),
+            kind: "request_body_timeout",
+            recorded_status: 408,
+            error_type: Some("request_body_timeout"),
+            proxy_status: Some("tower-timeouts; error=http_request_error; status-code=408"),
+            client_gone_fires: false,
+            limit: Some(UPLOAD_IDLE),
+        },
+    },
+    Scenario {
+        name: "stalled stream",
+        client: ClientAction::ReadStream("/stream"),
+        expect: Expect {
+            client_status: Some(200),
+            reason: Some("OK"),
+            kind: "response_body_timeout",
+            recorded_status: 200,
+            error_type: Some("response_body_timeout"),
+            proxy_status: None,
+            client_gone_fires: false,
+            limit: Some(STREAM_IDLE),
         },
     },
     // The upstream side: the handler forwards to an upstream on loopback.
@@ -172,6 +207,11 @@ enum ClientAction {
     Get(&'static str),
     /// `GET path` over a raw socket, closed as soon as the handler has started.
     LeaveOnceStarted(&'static str),
+    /// `POST path` over a raw socket, with half of its body, then nothing more; reads the
+    /// answer until the server closes the connection.
+    StallUpload(&'static str),
+    /// `GET path` with hyper-util's client, reading the body until it ends or is cut.
+    ReadStream(&'static str),
 }
 
 struct Expect {
@@ -272,6 +312,8 @@ fn app(state: AppState, outcomes: mpsc::UnboundedSender<Recorded>) -> Router {
         .route("/fast", get(fast))
         .route("/slow", get(slow))
         .route("/hang", get(hang))
+        .route("/upload", post(upload))
+        .route("/stream", get(stream))
         .route("/upstream/{target}", get(forward))
         .layer(
             ServiceBuilder::new()
@@ -285,6 +327,9 @@ fn app(state: AppState, outcomes: mpsc::UnboundedSender<Recorded>) -> Router {
                         });
                     }),
                 )
+                // A client too slow to send its body gets 408; a stream that stalls is cut.
+                .layer(RequestBodyTimeoutLayer::new().idle(UPLOAD_IDLE))
+                .layer(ResponseBodyTimeoutLayer::new().idle(STREAM_IDLE))
                 .layer(ResponseTimeoutLayer::new(RESPONSE_TIMEOUT)),
         )
         .with_state(state)
@@ -326,6 +371,40 @@ async fn hang(State(probe): State<Probe>) -> &'static str {
         gone,
     });
     std::future::pending().await
+}
+
+/// Reads the whole upload, as axum's `Bytes` extractor would, and answers 400 when reading
+/// fails, as it would: the layer answers 408 in its place when the client stalls.
+async fn upload(State(probe): State<Probe>, body: Body) -> Response {
+    let gone = ClientGone::current().expect("under ClientDisconnectLayer");
+    probe.send(Event::Started {
+        route: "/upload",
+        gone,
+    });
+    match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(bytes) => format!("{} bytes\n", bytes.len()).into_response(),
+        Err(_) => (
+            StatusCode::BAD_REQUEST,
+            "Failed to buffer the request body\n",
+        )
+            .into_response(),
+    }
+}
+
+/// An event stream that sends one event and then stalls.
+async fn stream(State(probe): State<Probe>) -> Response {
+    let gone = ClientGone::current().expect("under ClientDisconnectLayer");
+    probe.send(Event::Started {
+        route: "/stream",
+        gone,
+    });
+    let events = tokio_stream::iter([Ok::<_, Infallible>(Bytes::from_static(b"data: 1\n\n"))])
+        .chain(tokio_stream::pending());
+    (
+        [(header::CONTENT_TYPE, "text/event-stream")],
+        Body::from_stream(events),
+    )
+        .into_response()
 }
 
 /// Forwards the request to the upstream its path names and answers with what came back.
@@ -558,14 +637,10 @@ impl Driver {
                     gone,
                 ))
             }
+            ClientAction::StallUpload(path) => self.stall_upload(path).await,
+            ClientAction::ReadStream(path) => self.read_stream(path).await,
             ClientAction::LeaveOnceStarted(path) => {
-                let mut stream = timeout(WAIT, TcpStream::connect(self.addr))
-                    .await
-                    .map_err(|_| format!("connecting took more than {WAIT:?}"))?
-                    .map_err(|e| format!("connect failed: {e}"))?;
-                stream
-                    .set_nodelay(true)
-                    .map_err(|e| format!("set_nodelay: {e}"))?;
+                let mut stream = self.connect().await?;
                 let request = format!("GET {path} HTTP/1.1\r\nhost: {}\r\n\r\n", self.addr);
                 stream
                     .write_all(request.as_bytes())
@@ -587,6 +662,107 @@ impl Driver {
                 ))
             }
         }
+    }
+
+    async fn connect(&self) -> Result<TcpStream, String> {
+        let stream = timeout(WAIT, TcpStream::connect(self.addr))
+            .await
+            .map_err(|_| format!("connecting took more than {WAIT:?}"))?
+            .map_err(|e| format!("connect failed: {e}"))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| format!("set_nodelay: {e}"))?;
+        Ok(stream)
+    }
+
+    /// Sends half of an upload and stalls; reads what comes back until the server closes.
+    async fn stall_upload(&mut self, path: &'static str) -> Result<(Seen, ClientGone), String> {
+        let mut stream = self.connect().await?;
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: {}\r\ncontent-length: 2000\r\n\r\n",
+            self.addr
+        );
+        stream
+            .write_all(head.as_bytes())
+            .await
+            .and(stream.write_all(&[b'x'; 1000]).await)
+            .map_err(|e| format!("sending POST {path} failed: {e}"))?;
+        let gone = self.started(path).await?;
+        let mut raw = Vec::new();
+        timeout(WAIT, stream.read_to_end(&mut raw))
+            .await
+            .map_err(|_| format!("the server kept the connection of POST {path} open"))?
+            .map_err(|e| format!("reading the answer to POST {path} failed: {e}"))?;
+        let raw = String::from_utf8_lossy(&raw);
+        let mut lines = raw.lines();
+        let status_line = lines.next().unwrap_or_default();
+        let mut parts = status_line.splitn(3, ' ').skip(1);
+        let status = parts.next().and_then(|code| code.parse().ok());
+        let reason = parts.next().map(str::to_owned);
+        let header = |name: &str| {
+            raw.lines()
+                .take_while(|line| !line.is_empty())
+                .find_map(|line| {
+                    let (key, value) = line.split_once(':')?;
+                    key.eq_ignore_ascii_case(name)
+                        .then(|| value.trim().to_owned())
+                })
+        };
+        let proxy_status = header("proxy-status");
+        let mut text = format!(
+            "{status_line}, Proxy-Status: {}",
+            proxy_status.as_deref().unwrap_or("-")
+        );
+        if header("connection").as_deref() == Some("close") {
+            text.push_str(", Connection: close, then the server closed");
+        }
+        Ok((
+            Seen {
+                status,
+                reason,
+                proxy_status,
+                left_at: None,
+                text: text.replace("HTTP/1.1 ", ""),
+            },
+            gone,
+        ))
+    }
+
+    /// Reads a stream until it ends or is cut.
+    async fn read_stream(&mut self, path: &'static str) -> Result<(Seen, ClientGone), String> {
+        let uri: http::Uri = format!("http://{}{path}", self.addr)
+            .parse()
+            .map_err(|e| format!("bad uri for {path}: {e}"))?;
+        let response = timeout(WAIT, self.client.get(uri))
+            .await
+            .map_err(|_| format!("no response to GET {path} within {WAIT:?}"))?
+            .map_err(|e| format!("GET {path} failed: {e}"))?;
+        let status = response.status();
+        let gone = self.started(path).await?;
+        let mut body = response.into_body();
+        let mut bytes = 0;
+        let end = loop {
+            match timeout(WAIT, body.frame()).await {
+                Err(_) => {
+                    return Err(format!(
+                        "GET {path}: the stream was not cut within {WAIT:?}"
+                    ))
+                }
+                Ok(None) => break "then it ended",
+                Ok(Some(Ok(frame))) => bytes += frame.data_ref().map_or(0, Bytes::len),
+                Ok(Some(Err(_))) => break "then the connection was cut",
+            }
+        };
+        Ok((
+            Seen {
+                status: Some(status),
+                reason: status.canonical_reason().map(str::to_owned),
+                proxy_status: None,
+                left_at: None,
+                text: format!("{} OK, {bytes} bytes, {end}", status.as_u16()),
+            },
+            gone,
+        ))
     }
 
     /// Waits for the handler of `route` to say it started.
@@ -679,7 +855,9 @@ impl Recorded {
 /// The limit a timeout outcome names.
 fn limit_of(outcome: &Outcome) -> Option<Duration> {
     match outcome {
-        Outcome::ResponseTimeout { timeout, .. } => Some(*timeout),
+        Outcome::ResponseTimeout { timeout, .. }
+        | Outcome::RequestBodyTimeout { timeout, .. }
+        | Outcome::ResponseBodyTimeout { timeout, .. } => Some(*timeout),
         Outcome::ConnectTimeout { timeout, .. } => *timeout,
         _ => None,
     }
