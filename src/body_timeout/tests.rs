@@ -120,11 +120,9 @@ async fn the_total_limit_counts_from_the_head_and_fires_only_while_the_body_is_w
 
 #[tokio::test(start_paused = true)]
 async fn a_body_read_on_another_task_still_gets_the_408() {
-    let service = RequestBodyTimeoutLayer::new()
-        .idle(IDLE)
-        .layer(service_fn(|request: Request<_>| async move {
-            tokio::spawn(reads_body(request)).await.unwrap()
-        }));
+    let service = RequestBodyTimeoutLayer::new().idle(IDLE).layer(service_fn(
+        |request: Request<_>| async move { tokio::spawn(reads_body(request)).await.unwrap() },
+    ));
     let (tx, body) = fed();
     let response = service
         .oneshot(request_with(body, Version::HTTP_11))
@@ -289,7 +287,13 @@ async fn a_grpc_stream_that_stalls_ends_with_deadline_exceeded_trailers() {
     );
     let response = service.oneshot(request).await.unwrap();
     let mut body = Box::pin(response.into_body());
-    let trailers = body.frame().await.unwrap().unwrap().into_trailers().unwrap();
+    let trailers = body
+        .frame()
+        .await
+        .unwrap()
+        .unwrap()
+        .into_trailers()
+        .unwrap();
     assert_eq!(trailers[crate::grpc::GRPC_STATUS], "4");
     assert!(body.frame().await.is_none());
     assert!(http_body::Body::is_end_stream(&*body));
@@ -307,15 +311,20 @@ async fn bodies_in_time_pass_untouched_and_complete() {
         .layer(ClientDisconnectLayer::new().on_outcome(outcomes.hook()))
         .layer(RequestBodyTimeoutLayer::new().idle(IDLE).total(IDLE))
         .layer(ResponseBodyTimeoutLayer::new().idle(IDLE).total(IDLE))
-        .service_fn(|request: Request<TimedRequestBody<Full<Bytes>>>| async move {
-            let body = request.into_body().collect().await?.to_bytes();
-            Ok::<_, BoxError>(Response::new(Full::new(body)))
-        });
+        .service_fn(
+            |request: Request<TimedRequestBody<Full<Bytes>>>| async move {
+                let body = request.into_body().collect().await?.to_bytes();
+                Ok::<_, BoxError>(Response::new(Full::new(body)))
+            },
+        );
     let response = service
         .oneshot(Request::new(Full::new(Bytes::from_static(b"hello"))))
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "hello");
+    assert_eq!(
+        response.into_body().collect().await.unwrap().to_bytes(),
+        "hello"
+    );
     assert_eq!(outcomes.one(), Outcome::completed(StatusCode::OK));
 }
