@@ -27,6 +27,16 @@
 //! # let _ = handler;
 //! ```
 //!
+//! # Why the work was cancelled
+//!
+//! [`ClientGone::gone`] has one meaning: the client left. It never fires for a request the
+//! crate gave up on while its client was still there (a 504 answered in the handler's place, a
+//! 408 for a stalled upload, a stream cut by a response-body limit, a response body that
+//! failed). Work that should stop then too waits on [`ClientGone::cancelled`], which returns the
+//! reason: [`Cancelled::ClientLeft`] or [`Cancelled::Abandoned`]. One signal with a reason,
+//! rather than a second signal, so that a handler takes one thing into the work it spawns, and
+//! a new reason (a server shutting down) can be added without a new type.
+//!
 //! # Where to get it
 //!
 //! - [`ClientGone::current`], from the handler or anything its future runs while it is polled.

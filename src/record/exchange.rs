@@ -263,9 +263,9 @@ impl Exchange {
     }
 
     /// The head passed the recording layer: records it, or, when the body `may_follow` and a
-    /// layer on the request watches for clients leaving during it (or the request is gRPC and
-    /// its status is yet to come, in the trailers), waits for the end of the body. Returns
-    /// whether the body is to be followed.
+    /// layer on the request watches for clients leaving during it or may end it with an outcome
+    /// of its own (or the request is gRPC and its status is yet to come, in the trailers), waits
+    /// for the end of the body. Returns whether the body is to be followed.
     pub(crate) fn head(&self, outcome: Outcome, headers: &HeaderMap, may_follow: bool) -> bool {
         let status_to_come = self.grpc && !self.grpc_status_in(headers);
         let follow = may_follow

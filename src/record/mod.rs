@@ -54,6 +54,9 @@
 //! A `ClientDisconnect` fires its [`ClientGone`](crate::ClientGone) only when its future or its
 //! body is dropped early in the *ServerDropped* extent. A timeout of the crate, inside or
 //! outside it, abandons what it wraps, so a timeout never fires the signal, in any placement.
+//! Dropped early in the *Abandoned* extent, or answered by a generated response, it cancels the
+//! signal with [`Cancelled::Abandoned`](crate::signal::Cancelled::Abandoned) instead, which only
+//! [`ClientGone::cancelled`](crate::ClientGone::cancelled) reports.
 //!
 //! The extents are a thread-local, and that is exact: a drop runs to its end on the thread
 //! that began it, and every future inside is dropped within it, so a value set for the
@@ -137,8 +140,9 @@ impl<'a> Report<'a> {
 
     /// The time from the outermost layer's `call` to the outcome: to the end of the body (or
     /// the client leaving) when a [`ClientDisconnectLayer`](crate::ClientDisconnectLayer) is on
-    /// the request or the request is gRPC and its status comes in the trailers, to the
-    /// response head otherwise.
+    /// the request, or a [`ResponseBodyTimeoutLayer`](crate::ResponseBodyTimeoutLayer) (which
+    /// may end the body with an outcome of its own), or the request is gRPC and its status comes
+    /// in the trailers; to the response head otherwise.
     pub fn elapsed(&self) -> Duration {
         self.elapsed
     }
