@@ -15,6 +15,10 @@
 //!   records a 499 and fires a [`ClientGone`] signal for the work the handler spawned.
 //! - On the upstream side of a gateway, [`ConnectTimeoutLayer`] times a client's connector, and
 //!   [`UpstreamFailureLayer`] turns the client's errors into 599 and 502 responses.
+//! - In the body phase ([`body_timeout`]), [`RequestBodyTimeoutLayer`] answers a client too
+//!   slow to send its request body with 408, and [`ResponseBodyTimeoutLayer`] ends a response
+//!   stream that stalls or runs too long (an HTTP/2 reset with `CANCEL`, gRPC trailers with
+//!   `DEADLINE_EXCEEDED`), each recorded as its own outcome.
 //! - For gRPC requests, every generated response is a trailers-only gRPC status
 //!   (`DEADLINE_EXCEEDED`, `UNAVAILABLE`, …; see [`grpc`]), [`ResponseTimeoutLayer`] honours
 //!   the caller's `grpc-timeout` (capped by its own limit), and [`PropagateDeadlineLayer`]
@@ -45,6 +49,8 @@
 //! - `hyper` (on by default): generated 599 responses carry hyper's `ReasonPhrase` ("Network
 //!   Connect Timeout Error") on HTTP/1.1, and [`UpstreamFailureLayer`] tells hyper's errors apart
 //!   (a connection closed, a protocol error).
+//! - `h2` (on by default): a response-body limit resets an HTTP/2 stream with `CANCEL` rather
+//!   than `INTERNAL_ERROR` (see [`BodyTimeoutError`]).
 //! - `axum`: [`ClientGone`] becomes an axum extractor.
 
 #![forbid(unsafe_code)]
