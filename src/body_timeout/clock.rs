@@ -15,7 +15,8 @@ pin_project! {
     /// A body's limits: an idle one between frames, measured while the body is waited for, and
     /// a total one from a start the owner chose. One timer serves both, aimed at whichever
     /// comes first, and is touched only when the body is pending: a frame that is ready at
-    /// once costs a branch (and, with a total limit armed, an atomic load).
+    /// once reads no clock and registers no timer (with a total limit armed, it costs an
+    /// atomic load).
     pub(crate) struct Clock {
         idle: Option<Duration>,
         // The total limit, and when it passes.

@@ -87,7 +87,9 @@
 //! an unexplained reset. These layers answer 408 themselves, end gRPC streams with a status,
 //! reset HTTP/2 streams with `CANCEL`, and record an outcome. `TimeoutBody` polls its timer
 //! before every frame (a timer registration per frame); these layers' bodies
-//! touch their timer only when the body is pending, so a frame that is ready costs a branch.
+//! touch their timer only when the body is pending: a frame that is ready reads no clock and
+//! registers no timer (`benches/body.rs`: about 16 ns a frame over the bare body, against
+//! 90–540 ns for `TimeoutBody`).
 
 mod clock;
 mod request;
