@@ -2030,7 +2030,6 @@ async fn request_body_limit_outermost() {
 /// never cancelled (it is `Abandoned` when the answer has a body, or the disconnect layer is
 /// outside). A bug in the crate, reported; un-ignore once fixed.
 #[tokio::test]
-#[ignore = "bug: ClientGone not cancelled when RB outside CD discards a handler's empty answer"]
 async fn request_body_limit_outermost_over_an_empty_answer() {
     matrix(&[&RB_OUTSIDE_EMPTY_ANSWER]).await;
 }

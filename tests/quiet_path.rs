@@ -318,7 +318,6 @@ async fn a_stalled_upload_gets_408_and_close_and_its_signal_is_abandoned() {
 /// outside the disconnect layer, nothing learns that the answer was thrown away, and the
 /// signal is never cancelled. A bug in the crate, reported; un-ignore once fixed.
 #[tokio::test]
-#[ignore = "bug: ClientGone not cancelled when RB outside CD discards a handler's empty answer"]
 async fn a_stalled_upload_answered_empty_by_the_handler_has_its_signal_abandoned() {
     stalled_uploads("/upload-empty-answer").await;
 }

@@ -22,6 +22,7 @@ use super::{limit_methods, BodyTimeoutError, Limits};
 use crate::outcome::Outcome;
 use crate::record::{abandoning, Guarded, Joining, Recorder, Role};
 use crate::response::{ResponseBody, ResponseConfig};
+use crate::signal::ClientGone;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -287,6 +288,12 @@ where
             *this.fired = true;
             if let Some(shared) = this.shared {
                 shared.fire(&error);
+            }
+            // The handler's work is given up on, whatever it answers: a complete answer that
+            // the layer throws away would otherwise leave its signal unaware. Read while the
+            // handler is polled, where a `ClientDisconnect` around it makes its signal current.
+            if let Some(gone) = ClientGone::current() {
+                gone.abandon();
             }
             return Poll::Ready(Some(Err(error.into())));
         }
