@@ -13,6 +13,8 @@
 //!   error, so it fits `axum::Router::layer` as it is.
 //! - [`ClientDisconnectLayer`] notices the client leaving (before the head or during the body),
 //!   records a 499 and fires a [`ClientGone`] signal for the work the handler spawned.
+//! - [`DetachLayer`], innermost and opt-in, lets handlers that are not cancel-safe run to
+//!   their end (within a limit) when their client leaves, and tracks them for shutdown.
 //! - On the upstream side of a gateway, [`ConnectTimeoutLayer`] times a client's connector, and
 //!   [`UpstreamFailureLayer`] turns the client's errors into 599 and 502 responses.
 //! - In the body phase ([`body_timeout`]), [`RequestBodyTimeoutLayer`] answers a client too
@@ -64,6 +66,7 @@ pub mod body_timeout;
 pub mod client_disconnect;
 pub mod connect_timeout;
 pub mod deadline;
+pub mod detach;
 pub mod grpc;
 pub mod outcome;
 pub mod propagate;
@@ -85,6 +88,7 @@ pub use self::body_timeout::{
 pub use self::client_disconnect::{ClientDisconnect, ClientDisconnectLayer};
 pub use self::connect_timeout::{ConnectTimeout, ConnectTimeoutError, ConnectTimeoutLayer};
 pub use self::deadline::Deadline;
+pub use self::detach::{Detach, DetachLayer};
 pub use self::grpc::GrpcCode;
 pub use self::outcome::{Outcome, Phase, ProxyError};
 pub use self::propagate::{PropagateDeadline, PropagateDeadlineLayer};

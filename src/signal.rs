@@ -3,7 +3,8 @@
 //! [`ClientDisconnectLayer`](crate::ClientDisconnectLayer) gives every request a [`ClientGone`],
 //! made on first use, and fires it when the client leaves. Dropping the handler's future
 //! already stops the handler itself; the signal is for work the handler spawned, which
-//! outlives that future.
+//! outlives that future, and for a handler that a [`DetachLayer`](crate::DetachLayer) lets run
+//! on.
 //!
 //! # Example
 //!

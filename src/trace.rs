@@ -92,6 +92,10 @@ pub const TIMEOUT_MS: &str = "tower_timeouts.timeout_ms";
 pub const RECORDED_STATUS: &str = "tower_timeouts.recorded_status";
 /// `tower_timeouts.elapsed_ms`
 pub const ELAPSED_MS: &str = "tower_timeouts.elapsed_ms";
+/// `tower_timeouts.detached`: how detached work ended (`completed`, `failed`, `panicked`,
+/// `cut`), on the event a [`Detach`](crate::Detach) emits; see
+/// [`detach`](crate::detach#what-is-recorded).
+pub const DETACHED: &str = "tower_timeouts.detached";
 
 /// `rpc.system.name`: `grpc`, on the span of a gRPC request.
 pub const RPC_SYSTEM_NAME: &str = "rpc.system.name";
