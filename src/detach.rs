@@ -105,6 +105,7 @@ use tower_service::Service;
 use tracing::{Level, Span};
 
 use crate::deadline::{self, Scoped};
+use crate::record::{abandoning, polling};
 use crate::signal::ClientGone;
 use crate::trace::{self, DETACHED, HTTP_RESPONSE_STATUS_CODE, TIMEOUT_MS};
 
@@ -311,7 +312,7 @@ async fn run<F, B, E>(
 {
     let (finished, detached) = {
         let mut work = pin!(Work {
-            inner,
+            inner: Some(inner),
             span: &recording.span,
             gone,
         });
@@ -330,13 +331,17 @@ async fn run<F, B, E>(
             },
             None => {
                 let detached = Instant::now();
-                match tokio::time::timeout(limit, work).await {
+                match tokio::time::timeout(limit, work.as_mut()).await {
                     Ok(output) => (Finished::of(&output), detached),
-                    Err(_) => (Finished::Cut { limit }, detached),
+                    Err(_) => {
+                        // Dropped before the cut is recorded, as abandoned: no layer inside
+                        // takes it for a client leaving.
+                        work.cut();
+                        (Finished::Cut { limit }, detached)
+                    }
                 }
             }
         }
-        // A cut handler is dropped here, before the cut is recorded.
     };
     recording.finish(&finished, detached.elapsed());
 }
@@ -345,10 +350,19 @@ pin_project! {
     /// The inner future as the task polls it: as if the request were still being served, with
     /// a panic caught.
     struct Work<'a, F> {
+        // `None` once cut.
         #[pin]
-        inner: Scoped<F>,
+        inner: Option<Scoped<F>>,
         span: &'a Span,
         gone: Option<ClientGone>,
+    }
+}
+
+impl<F> Work<'_, F> {
+    /// Drops the handler's future, as abandoned.
+    fn cut(self: Pin<&mut Self>) {
+        let mut inner = self.project().inner;
+        abandoning(|| inner.set(None));
     }
 }
 
@@ -357,11 +371,15 @@ impl<F: Future> Future for Work<'_, F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
+        let Some(inner) = this.inner.as_pin_mut() else {
+            return Poll::Pending;
+        };
         let _entered = this.span.enter();
         // Entered only when there is one: entering none would make the handler a signal of its
         // own, which nothing fires.
         let scope = this.gone.take().map(|gone| ClientGone::enter(Some(gone)));
-        let polled = catch_unwind(AssertUnwindSafe(|| this.inner.poll(cx)));
+        // As the crate's layers poll: a request the handler makes is an upstream call.
+        let polled = catch_unwind(AssertUnwindSafe(|| polling(|| inner.poll(cx))));
         *this.gone = scope.and_then(|scope| scope.leave());
         match polled {
             Ok(Poll::Pending) => Poll::Pending,
@@ -620,6 +638,25 @@ mod tests {
         // The handler was dropped: it never finishes.
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert_eq!(done.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cut_is_not_taken_for_a_client_leaving_by_a_layer_inside() {
+        let gone = Arc::new(std::sync::Mutex::new(None));
+        let layer = DetachLayer::new(Duration::from_secs(1));
+        let tracker = layer.tracker();
+        let mut service = layer.layer(crate::ClientDisconnectLayer::new().layer(service_fn({
+            let gone = gone.clone();
+            move |_: Request<()>| {
+                *gone.lock().unwrap() = ClientGone::current();
+                std::future::pending::<std::result::Result<Response<String>, Infallible>>()
+            }
+        })));
+        leave(service.call(Request::new(()))).await;
+        tracker.close();
+        tracker.wait().await;
+        let gone = gone.lock().unwrap().take().unwrap();
+        assert_eq!(gone.reason(), Some(crate::signal::Cancelled::Abandoned));
     }
 
     async fn panics_after(after: Duration) -> Result {

@@ -77,6 +77,15 @@ pub(crate) fn abandoning<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Runs `f` (a poll of what a layer wraps, away from the layer's own poll: on a task of its
+/// own) as the crate's layers poll: a drop within it is not the server's, and a request made
+/// within it is an upstream call.
+#[inline]
+pub(crate) fn polling<R>(f: impl FnOnce() -> R) -> R {
+    let _extent = extent::enter(Extent::Polling);
+    f()
+}
+
 /// While a layer that records calls its inner service: the request's span is entered, and a
 /// request that the inner service makes meanwhile is an upstream call. It owns what it entered,
 /// so that the call site holds no borrow of the share across the call, and can move the share
