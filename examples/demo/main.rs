@@ -1,6 +1,7 @@
 //! Run with: cargo run --example demo
 //!
-//! Starts an axum server with `ClientDisconnectLayer` (outermost) and `ResponseTimeoutLayer`,
+//! Starts an axum server with `ClientDisconnectLayer` (outermost), `RequestBodyTimeoutLayer`,
+//! `ResponseBodyTimeoutLayer` and `ResponseTimeoutLayer` (and `DetachLayer` on `/detached`),
 //! then plays each scenario against it with a real client and prints what the client saw next
 //! to what the layers recorded. Exits with status 1 if anything differs from what is expected.
 //!
@@ -46,11 +47,12 @@ use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 use tokio_stream::StreamExt;
 use tower::{Layer, ServiceBuilder, ServiceExt};
+use tower_timeouts::detach::Finished;
 use tower_timeouts::response::PROXY_STATUS;
 use tower_timeouts::{
-    ClientDisconnectLayer, ClientGone, ConnectTimeout, ConnectTimeoutLayer, Outcome, Report,
-    RequestBodyTimeoutLayer, ResponseBodyTimeoutLayer, ResponseTimeout, ResponseTimeoutLayer,
-    UpstreamFailure, UpstreamFailureLayer,
+    ClientDisconnectLayer, ClientGone, ConnectTimeout, ConnectTimeoutLayer, DetachLayer, Outcome,
+    Report, RequestBodyTimeoutLayer, ResponseBodyTimeoutLayer, ResponseTimeout,
+    ResponseTimeoutLayer, UpstreamFailure, UpstreamFailureLayer,
 };
 
 /// The server's limit on every response. Longer than the upstream routes' own limits below:
@@ -67,6 +69,10 @@ const SLOW_HANDLER: Duration = Duration::from_secs(5);
 const UPLOAD_IDLE: Duration = Duration::from_millis(200);
 /// The longest wait for the next frame of a response body (`ResponseBodyTimeoutLayer`).
 const STREAM_IDLE: Duration = Duration::from_millis(200);
+/// How long `/detached` works; it runs to its end even when its client leaves.
+const DETACHED_WORK: Duration = Duration::from_millis(300);
+/// The bound on detached work (`DetachLayer`), counted from when its client left.
+const DETACH_LIMIT: Duration = Duration::from_secs(5);
 /// The bound on every single wait of the driver (a response, an outcome, a signal).
 const WAIT: Duration = Duration::from_secs(2);
 /// The bound on the whole demo.
@@ -86,6 +92,7 @@ const SCENARIOS: &[Scenario] = &[
             proxy_status: None,
             client_gone_fires: false,
             limit: None,
+            detached_finishes: false,
         },
     },
     Scenario {
@@ -100,6 +107,7 @@ const SCENARIOS: &[Scenario] = &[
             proxy_status: Some("tower-timeouts; error=http_response_timeout"),
             client_gone_fires: false,
             limit: Some(RESPONSE_TIMEOUT),
+            detached_finishes: false,
         },
     },
     Scenario {
@@ -114,6 +122,22 @@ const SCENARIOS: &[Scenario] = &[
             proxy_status: None,
             client_gone_fires: true,
             limit: None,
+            detached_finishes: false,
+        },
+    },
+    Scenario {
+        name: "gone, detached",
+        client: ClientAction::LeaveOnceStarted("/detached"),
+        expect: Expect {
+            client_status: None,
+            reason: None,
+            kind: "client_disconnected",
+            recorded_status: 499,
+            error_type: Some("client_disconnected"),
+            proxy_status: None,
+            client_gone_fires: true,
+            limit: None,
+            detached_finishes: true,
         },
     },
     // The body phase.
@@ -129,6 +153,7 @@ const SCENARIOS: &[Scenario] = &[
             proxy_status: Some("tower-timeouts; error=http_request_error; status-code=408"),
             client_gone_fires: false,
             limit: Some(UPLOAD_IDLE),
+            detached_finishes: false,
         },
     },
     Scenario {
@@ -143,6 +168,7 @@ const SCENARIOS: &[Scenario] = &[
             proxy_status: None,
             client_gone_fires: false,
             limit: Some(STREAM_IDLE),
+            detached_finishes: false,
         },
     },
     // The upstream side: the handler forwards to an upstream on loopback.
@@ -164,6 +190,7 @@ const SCENARIOS: &[Scenario] = &[
             proxy_status: Some("tower-timeouts; error=connection_timeout"),
             client_gone_fires: false,
             limit: Some(UPSTREAM_CONNECT_TIMEOUT),
+            detached_finishes: false,
         },
     },
     Scenario {
@@ -178,6 +205,7 @@ const SCENARIOS: &[Scenario] = &[
             proxy_status: Some("tower-timeouts; error=connection_refused"),
             client_gone_fires: false,
             limit: None,
+            detached_finishes: false,
         },
     },
     Scenario {
@@ -192,6 +220,7 @@ const SCENARIOS: &[Scenario] = &[
             proxy_status: Some("tower-timeouts; error=http_response_timeout"),
             client_gone_fires: false,
             limit: Some(UPSTREAM_RESPONSE_TIMEOUT),
+            detached_finishes: false,
         },
     },
 ];
@@ -231,6 +260,8 @@ struct Expect {
     client_gone_fires: bool,
     /// For a timeout: the limit that fired, which tells whose timeout it was.
     limit: Option<Duration>,
+    /// Whether a detached handler runs to its end after the client left.
+    detached_finishes: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -252,6 +283,8 @@ enum Event {
     },
     /// Work a handler spawned saw the `ClientGone` signal fire.
     WorkCancelled { route: &'static str, at: Instant },
+    /// Detached work ended after its client left (`DetachLayer::on_finish`).
+    Detached { finished: Finished, at: Instant },
 }
 
 #[derive(Clone)]
@@ -308,10 +341,19 @@ impl FromRef<AppState> for Gateway {
 }
 
 fn app(state: AppState, outcomes: mpsc::UnboundedSender<Recorded>) -> Router {
+    let probe = state.probe.clone();
+    // Only `/detached` runs to its end when its client leaves: a layer on that route alone.
+    let detach = DetachLayer::new(DETACH_LIMIT).on_finish(move |finished: &Finished| {
+        probe.send(Event::Detached {
+            finished: finished.clone(),
+            at: Instant::now(),
+        });
+    });
     Router::new()
         .route("/fast", get(fast))
         .route("/slow", get(slow))
         .route("/hang", get(hang))
+        .route("/detached", get(detached).layer(detach))
         .route("/upload", post(upload))
         .route("/stream", get(stream))
         .route("/upstream/{target}", get(forward))
@@ -371,6 +413,27 @@ async fn hang(State(probe): State<Probe>) -> &'static str {
         gone,
     });
     std::future::pending().await
+}
+
+/// Work that must not be cut in half: it runs to its end under `DetachLayer`, even when its
+/// client leaves; `ClientGone` still fires, for work that may stop.
+async fn detached(State(probe): State<Probe>) -> &'static str {
+    let gone = ClientGone::current().expect("under ClientDisconnectLayer");
+    let work = probe.clone();
+    let signal = gone.clone();
+    tokio::spawn(async move {
+        signal.gone().await;
+        work.send(Event::WorkCancelled {
+            route: "/detached",
+            at: Instant::now(),
+        });
+    });
+    probe.send(Event::Started {
+        route: "/detached",
+        gone,
+    });
+    tokio::time::sleep(DETACHED_WORK).await;
+    "done\n"
 }
 
 /// Reads the whole upload, as axum's `Bytes` extractor would, and answers 400 when reading
@@ -568,8 +631,9 @@ impl Driver {
             if expect.client_gone_fires {
                 match timeout(WAIT, self.events.recv()).await {
                     Ok(Some(Event::WorkCancelled { route, at })) => {
-                        row.recorded
-                            .push_str(&format!("; ClientGone fired, {route} work stopped"));
+                        row.recorded.push_str(&format!(
+                            "; ClientGone fired, seen by {route}'s spawned work"
+                        ));
                         if let Some(left_at) = seen.left_at {
                             let after = at.saturating_duration_since(left_at);
                             row.recorded
@@ -583,6 +647,27 @@ impl Driver {
             } else if gone.is_gone() {
                 row.problems
                     .push("ClientGone fired, but the client did not leave".to_owned());
+            }
+        }
+
+        if let (true, Some((seen, _))) = (expect.detached_finishes, &played) {
+            match timeout(WAIT, self.events.recv()).await {
+                Ok(Some(Event::Detached { finished, at })) => {
+                    row.recorded.push_str(&format!("; detached: {finished:?}"));
+                    if let Some(left_at) = seen.left_at {
+                        let after = at.saturating_duration_since(left_at);
+                        row.recorded
+                            .push_str(&format!(" {} after the client left", ms(after)));
+                    }
+                    if !matches!(finished, Finished::Completed { .. }) {
+                        row.problems.push(format!(
+                            "the detached handler should complete: {finished:?}"
+                        ));
+                    }
+                }
+                _ => row.problems.push(format!(
+                    "the detached handler did not finish within {WAIT:?}"
+                )),
             }
         }
 
@@ -775,6 +860,9 @@ impl Driver {
             Ok(Some(Event::WorkCancelled { route: r, .. })) => Err(format!(
                 "expected the handler of {route} to start, work of {r} was cancelled instead"
             )),
+            Ok(Some(Event::Detached { finished, .. })) => Err(format!(
+                "expected the handler of {route} to start, detached work ended instead: {finished:?}"
+            )),
             _ => Err(format!(
                 "the handler of {route} did not start within {WAIT:?}"
             )),
@@ -792,8 +880,14 @@ impl Driver {
             ));
         }
         while let Ok(event) = self.events.try_recv() {
-            if let Event::WorkCancelled { route, .. } = event {
-                problems.push(format!("ClientGone fired unexpectedly for {route}"));
+            match event {
+                Event::WorkCancelled { route, .. } => {
+                    problems.push(format!("ClientGone fired unexpectedly for {route}"));
+                }
+                Event::Detached { finished, .. } => {
+                    problems.push(format!("detached work ended unexpectedly: {finished:?}"));
+                }
+                Event::Started { .. } => {}
             }
         }
         problems
@@ -912,8 +1006,13 @@ async fn run() -> Result<Vec<Row>, String> {
         }
     });
     println!(
-        "axum on {addr}: ClientDisconnectLayer (outermost) + ResponseTimeoutLayer({} ms)",
-        RESPONSE_TIMEOUT.as_millis()
+        "axum on {addr}: ClientDisconnectLayer (outermost) + RequestBodyTimeoutLayer(idle {} ms) \
+         + ResponseBodyTimeoutLayer(idle {} ms) + ResponseTimeoutLayer({} ms); \
+         /detached: DetachLayer({} ms)",
+        UPLOAD_IDLE.as_millis(),
+        STREAM_IDLE.as_millis(),
+        RESPONSE_TIMEOUT.as_millis(),
+        DETACH_LIMIT.as_millis()
     );
     println!(
         "/upstream/*: UpstreamFailureLayer + ResponseTimeoutLayer({} ms) + hyper-util Client, \
