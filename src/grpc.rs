@@ -294,7 +294,7 @@ pub(crate) fn message(outcome: &Outcome) -> String {
             timeout.as_millis()
         ),
         Outcome::ResponseBodyTimeout { timeout, .. } => format!(
-            "tower-timeouts: the response stream stalled ({} ms limit)",
+            "tower-timeouts: the response stream passed its {} ms limit",
             timeout.as_millis()
         ),
         Outcome::ConnectTimeout { .. } => {

@@ -1130,7 +1130,7 @@ async fn a_stalled_grpc_stream_ends_with_deadline_exceeded_trailers() {
     assert_eq!(
         status.message(),
         format!(
-            "tower-timeouts: the response stream stalled ({} ms limit)",
+            "tower-timeouts: the response stream passed its {} ms limit",
             IDLE.as_millis()
         )
     );
