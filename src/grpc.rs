@@ -34,6 +34,7 @@
 //! | `UpstreamFailed` `http_protocol_error`, `proxy_internal_error` | `INTERNAL` (13) |
 //! | [`RequestBodyTimeout`](crate::Outcome::RequestBodyTimeout) (the client too slow to send) | `DEADLINE_EXCEEDED` (4) |
 //! | [`ResponseBodyTimeout`](crate::Outcome::ResponseBodyTimeout) (a stream stalled; sent in the trailers) | `DEADLINE_EXCEEDED` (4) |
+//! | [`ServerShutdown`](crate::Outcome::ServerShutdown) (a shutdown's grace ran out) | `UNAVAILABLE` (14), safe to retry elsewhere |
 //! | [`ClientDisconnected`](crate::Outcome::ClientDisconnected) | recorded as `CANCELLED` (1) beside the 499; nothing is sent |
 //!
 //! Why: a timeout is `DEADLINE_EXCEEDED`, which clients do not retry on their own (Envoy and
@@ -176,7 +177,9 @@ pub fn default_code(outcome: &Outcome) -> GrpcCode {
         | Outcome::DeadlineExceeded { .. }
         | Outcome::RequestBodyTimeout { .. }
         | Outcome::ResponseBodyTimeout { .. } => GrpcCode::DEADLINE_EXCEEDED,
-        Outcome::ConnectTimeout { .. } | Outcome::ConnectFailed { .. } => GrpcCode::UNAVAILABLE,
+        Outcome::ConnectTimeout { .. }
+        | Outcome::ConnectFailed { .. }
+        | Outcome::ServerShutdown { .. } => GrpcCode::UNAVAILABLE,
         Outcome::UpstreamFailed {
             error: ProxyError::ConnectionTerminated,
             ..
@@ -289,6 +292,7 @@ pub(crate) fn message(outcome: &Outcome) -> String {
         Outcome::DeadlineExceeded { .. } => {
             "tower-timeouts: the deadline passed before the upstream call was sent".to_owned()
         }
+        Outcome::ServerShutdown { .. } => "tower-timeouts: the server is shutting down".to_owned(),
         Outcome::RequestBodyTimeout { timeout, .. } => format!(
             "tower-timeouts: the request body did not arrive within {} ms",
             timeout.as_millis()

@@ -154,6 +154,20 @@ pub enum Outcome {
         /// Body bytes handed to the server before the limit fired.
         bytes_sent: u64,
     },
+    /// The server shut down before the response was done: a
+    /// [`ShutdownLayer`](crate::ShutdownLayer)'s grace ran out, and it answered in the handler's
+    /// place (503 with `Connection: close` on HTTP/1, gRPC `UNAVAILABLE`), ended the response
+    /// body already under way, or saw the request dropped after that. Never a 499.
+    #[non_exhaustive]
+    ServerShutdown {
+        /// Before the response head, or while the body was sent.
+        phase: Phase,
+        /// The status sent: the 503 (or 200 for gRPC) answered in the handler's place, the
+        /// status already sent for a body ended, `None` when nothing could be sent.
+        sent_status: Option<StatusCode>,
+        /// Body bytes handed to the server before the end.
+        bytes_sent: u64,
+    },
     /// The response future was dropped before the response, and no
     /// [`ClientDisconnectLayer`](crate::ClientDisconnectLayer) was there to tell why (a client
     /// leaving, an outer timeout, a server shutting down all look the same from inside).
@@ -222,6 +236,18 @@ impl Outcome {
         }
     }
 
+    pub(crate) fn server_shutdown(
+        phase: Phase,
+        sent_status: Option<StatusCode>,
+        bytes_sent: u64,
+    ) -> Self {
+        Outcome::ServerShutdown {
+            phase,
+            sent_status,
+            bytes_sent,
+        }
+    }
+
     pub(crate) fn dropped() -> Self {
         Outcome::Dropped {}
     }
@@ -237,7 +263,13 @@ impl Outcome {
             | Outcome::ConnectFailed { status, .. }
             | Outcome::UpstreamFailed { status, .. }
             | Outcome::RequestBodyTimeout { status, .. } => *status = sent,
+            Outcome::ServerShutdown {
+                sent_status: Some(status),
+                phase: Phase::BeforeHead,
+                ..
+            } => *status = sent,
             Outcome::ClientDisconnected { .. }
+            | Outcome::ServerShutdown { .. }
             | Outcome::ResponseBodyTimeout { .. }
             | Outcome::Failed { .. }
             | Outcome::Panicked { .. }
@@ -249,7 +281,7 @@ impl Outcome {
     /// A short, stable name for the outcome: the value of the `tower_timeouts.outcome` span
     /// field (`completed`, `response_timeout`, `deadline_exceeded`, `connect_timeout`, `connect_failed`,
     /// `upstream_failed`, `request_body_timeout`, `response_body_timeout`,
-    /// `client_disconnected`, `failed`, `panicked`, `dropped`).
+    /// `client_disconnected`, `server_shutdown`, `failed`, `panicked`, `dropped`).
     pub fn kind(&self) -> &'static str {
         match self {
             Outcome::Completed { .. } => "completed",
@@ -261,6 +293,7 @@ impl Outcome {
             Outcome::RequestBodyTimeout { .. } => "request_body_timeout",
             Outcome::ResponseBodyTimeout { .. } => "response_body_timeout",
             Outcome::ClientDisconnected { .. } => "client_disconnected",
+            Outcome::ServerShutdown { .. } => "server_shutdown",
             Outcome::Failed { .. } => "failed",
             Outcome::Panicked { .. } => "panicked",
             Outcome::Dropped { .. } => "dropped",
@@ -286,6 +319,7 @@ impl Outcome {
                 ..
             } => Some(*status),
             Outcome::ClientDisconnected { sent_status, .. }
+            | Outcome::ServerShutdown { sent_status, .. }
             | Outcome::Failed { sent_status, .. }
             | Outcome::Panicked { sent_status, .. } => *sent_status,
             Outcome::Dropped {} => None,
@@ -318,6 +352,7 @@ impl Outcome {
             Outcome::RequestBodyTimeout { .. } => Some("request_body_timeout"),
             Outcome::ResponseBodyTimeout { .. } => Some("response_body_timeout"),
             Outcome::ClientDisconnected { .. } => Some("client_disconnected"),
+            Outcome::ServerShutdown { .. } => Some("server_shutdown"),
             Outcome::Failed {
                 phase: Phase::BeforeHead,
                 ..
@@ -339,6 +374,8 @@ impl Outcome {
         match self {
             Outcome::DeadlineExceeded { .. } => Some(ProxyError::HttpResponseTimeout.token()),
             Outcome::RequestBodyTimeout { .. } => Some("http_request_error"),
+            // Not a proxy's error: the server's own answer, with no RFC 9209 type.
+            Outcome::ServerShutdown { .. } => None,
             other => other.error_type(),
         }
     }

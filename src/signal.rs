@@ -83,6 +83,7 @@ struct Shared {
 const NONE: u8 = 0;
 const CLIENT_LEFT: u8 = 1;
 const ABANDONED: u8 = 2;
+const SERVER_SHUTDOWN: u8 = 3;
 
 /// Why a request's work was cancelled: what [`ClientGone::cancelled`] tells.
 #[non_exhaustive]
@@ -94,6 +95,10 @@ pub enum Cancelled {
     /// answered in the handler's place (a 504, a 408, a gRPC `DEADLINE_EXCEEDED`), a
     /// response-body limit ended the stream, or the response body failed.
     Abandoned,
+    /// The server is shutting down: a [`ShutdownLayer`](crate::ShutdownLayer)'s grace ran out
+    /// and it answered 503 (or ended the stream) in the handler's place, or the request was
+    /// dropped after that.
+    ServerShutdown,
 }
 
 impl fmt::Debug for ClientGone {
@@ -205,6 +210,7 @@ impl ClientGone {
         match self.shared.state.load(Ordering::Acquire) {
             CLIENT_LEFT => Some(Cancelled::ClientLeft),
             ABANDONED => Some(Cancelled::Abandoned),
+            SERVER_SHUTDOWN => Some(Cancelled::ServerShutdown),
             _ => None,
         }
     }
@@ -250,6 +256,7 @@ impl ClientGone {
     }
 
     /// The client left.
+    #[cfg(test)]
     pub(crate) fn fire(&self) {
         self.cancel(CLIENT_LEFT);
     }
@@ -257,6 +264,21 @@ impl ClientGone {
     /// The crate's layers gave up on the response while the client was still there.
     pub(crate) fn abandon(&self) {
         self.cancel(ABANDONED);
+    }
+
+    /// The server gave up on the response: it is shutting down.
+    pub(crate) fn shut_down(&self) {
+        self.cancel(SERVER_SHUTDOWN);
+    }
+
+    /// What the request's work was dropped early for, as the extent of the drop says.
+    pub(crate) fn cancel_for(&self, reason: crate::record::Extent) {
+        use crate::record::Extent;
+        self.cancel(match reason {
+            Extent::ServerDropped => CLIENT_LEFT,
+            Extent::ShutDown => SERVER_SHUTDOWN,
+            _ => ABANDONED,
+        });
     }
 
     /// The first reason stays.

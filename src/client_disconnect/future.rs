@@ -23,12 +23,8 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             // The inner future is dropped after this, by its guard, in the same extent.
-            if let (Some(by_server), Some(gone)) = (this.inner.drops_early_by_server(), this.gone.as_ref()) {
-                if by_server {
-                    gone.fire();
-                } else {
-                    gone.abandon();
-                }
+            if let (Some(reason), Some(gone)) = (this.inner.early_drop_reason(), this.gone.as_ref()) {
+                gone.cancel_for(reason);
             }
         }
     }

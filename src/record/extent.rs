@@ -29,6 +29,9 @@ pub(crate) enum Extent {
     /// panicked), or its caller dropped it while one of the crate's layers was polling (a layer
     /// between them gave up on it): not a client leaving.
     Abandoned,
+    /// A layer drops what it wraps because the server is shutting down (a
+    /// [`ShutdownLayer`](crate::ShutdownLayer) whose grace ran out): not a client leaving.
+    ShutDown,
 }
 
 thread_local! {
@@ -54,6 +57,7 @@ pub(crate) fn drop_reason(panicked: bool) -> Extent {
         // the server. Or within the drop of the server's request.
         Extent::Idle | Extent::ServerDropped => Extent::ServerDropped,
         Extent::Calling | Extent::Polling | Extent::Abandoned => Extent::Abandoned,
+        Extent::ShutDown => Extent::ShutDown,
     }
 }
 

@@ -73,7 +73,13 @@ pub(crate) fn nothing_can_see() -> bool {
 /// of its own, so that no layer inside takes the drop for a client leaving.
 #[inline]
 pub(crate) fn abandoning<R>(f: impl FnOnce() -> R) -> R {
-    let _extent = extent::enter(Extent::Abandoned);
+    dropping_in(Extent::Abandoned, f)
+}
+
+/// Runs `f` (a drop of what a layer wraps) in `extent`.
+#[inline]
+pub(crate) fn dropping_in<R>(extent: Extent, f: impl FnOnce() -> R) -> R {
+    let _extent = extent::enter(extent);
     f()
 }
 
@@ -157,25 +163,8 @@ pin_project! {
 
     impl<F> PinnedDrop for Guarded<F> {
         fn drop(this: Pin<&mut Self>) {
-            let mut this = this.project();
-            if let StateProj::Done = this.state.as_mut().project() {
-                return;
-            }
-            let panicked = *this.polling;
-            let reason = extent::drop_reason(panicked);
-            {
-                let _entered = this.share.entered();
-                let _extent = extent::enter(reason);
-                this.state.set(State::Done);
-            }
-            if let Some(exchange) = this.share.0.take() {
-                if panicked {
-                    let panicked = Outcome::panicked(Phase::BeforeHead, None);
-                    exchange.step(|stage| stage.end(panicked));
-                } else {
-                    exchange.dropped(reason, None);
-                }
-            }
+            let reason = extent::drop_reason(this.polling);
+            this.drop_early(reason);
         }
     }
 }
@@ -207,14 +196,34 @@ impl<F> Guarded<F> {
         }
     }
 
-    /// Whether, dropped now, this hold would drop its inner future before its end: `None` when
-    /// it would not (the future is done); else whether that is because the server dropped the
-    /// request (the client left) rather than a layer giving up on it; see
-    /// [`extent::drop_reason`].
+    /// Why, dropped now, this hold would drop its inner future before its end: `None` when it
+    /// would not (the future is done); see [`extent::drop_reason`].
     #[inline]
-    pub(crate) fn drops_early_by_server(&self) -> Option<bool> {
-        matches!(self.state, State::Running { .. })
-            .then(|| extent::drop_reason(self.polling) == Extent::ServerDropped)
+    pub(crate) fn early_drop_reason(&self) -> Option<Extent> {
+        matches!(self.state, State::Running { .. }).then(|| extent::drop_reason(self.polling))
+    }
+
+    /// Drops the inner future before its end, for `reason`, in that extent, and records the
+    /// drop (a panic, when the poll that is unwinding panicked). Nothing once it is done.
+    pub(crate) fn drop_early(self: Pin<&mut Self>, reason: Extent) {
+        let mut this = self.project();
+        if let StateProj::Done = this.state.as_mut().project() {
+            return;
+        }
+        let panicked = *this.polling;
+        {
+            let _entered = this.share.entered();
+            let _extent = extent::enter(reason);
+            this.state.set(State::Done);
+        }
+        if let Some(exchange) = this.share.0.take() {
+            if panicked {
+                let panicked = Outcome::panicked(Phase::BeforeHead, None);
+                exchange.step(|stage| stage.end(panicked));
+            } else {
+                exchange.dropped(reason, None);
+            }
+        }
     }
 
     /// The inner future returned its output, or the layer gives up on it (its limit fired):
@@ -223,10 +232,17 @@ impl<F> Guarded<F> {
     /// between gave up on). What is left to do with what the layer returns is handed over.
     #[inline(always)]
     pub(crate) fn finish(self: Pin<&mut Self>) -> Finished {
+        self.finish_in(Extent::Abandoned)
+    }
+
+    /// [`finish`](Self::finish), the inner future dropped in `extent` (*Abandoned*, or
+    /// *ShutDown* for a layer that gives up on it because the server shuts down).
+    #[inline(always)]
+    pub(crate) fn finish_in(self: Pin<&mut Self>, extent: Extent) -> Finished {
         let mut this = self.project();
         {
             let _entered = this.share.entered();
-            let _extent = extent::enter(Extent::Abandoned);
+            let _extent = extent::enter(extent);
             this.state.set(State::Done);
         }
         Finished(this.share.0.take())
@@ -279,7 +295,14 @@ impl Finished {
         let gone = match gone {
             // The crate answered in the handler's place: its work was given up on.
             Some((gone, _)) if generated => {
-                gone.abandon();
+                match response
+                    .extensions()
+                    .get::<Generated>()
+                    .map(Generated::outcome)
+                {
+                    Some(Outcome::ServerShutdown { .. }) => gone.shut_down(),
+                    _ => gone.abandon(),
+                }
                 None
             }
             gone => gone,

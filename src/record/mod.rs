@@ -114,7 +114,10 @@ use crate::outcome::Outcome;
 use tracing::Level;
 
 pub(crate) use self::exchange::{Budget, Exchange, Joining, Role};
-pub(crate) use self::guard::{abandoning, nothing_can_see, polling, Followed, Guarded, Share};
+pub(crate) use self::extent::Extent;
+pub(crate) use self::guard::{
+    abandoning, dropping_in, nothing_can_see, polling, Followed, Guarded, Share,
+};
 pub(crate) use self::tail::{poll_followed, Tail};
 
 /// What the [`on_outcome`](crate::ClientDisconnectLayer::on_outcome) hook is told when a

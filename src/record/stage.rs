@@ -78,13 +78,18 @@ impl Stage {
         sent: Option<(StatusCode, u64)>,
     ) -> Option<Outcome> {
         let client_left = reason == Extent::ServerDropped && watches_disconnects;
+        let shut_down = reason == Extent::ShutDown;
         match std::mem::replace(self, Stage::Done) {
             Stage::Done => None,
+            Stage::Open if shut_down => Some(Outcome::server_shutdown(Phase::BeforeHead, None, 0)),
             Stage::Open if client_left => {
                 Some(Outcome::client_disconnected(Phase::BeforeHead, None, 0))
             }
             Stage::Open => Some(Outcome::dropped()),
             Stage::Body(head) => Some(match (client_left, sent) {
+                (_, Some((status, bytes))) if shut_down => {
+                    Outcome::server_shutdown(Phase::DuringBody, Some(status), bytes)
+                }
                 (true, Some((status, bytes))) => {
                     Outcome::client_disconnected(Phase::DuringBody, Some(status), bytes)
                 }

@@ -12,7 +12,7 @@ use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame};
 
 use super::exchange::Exchange;
-use super::extent::{self, Extent};
+use super::extent;
 use crate::grpc::GrpcCode;
 use crate::outcome::{Outcome, Phase};
 use crate::signal::ClientGone;
@@ -186,11 +186,7 @@ impl Drop for Tail {
         }
         let reason = extent::drop_reason(false);
         if let Some(gone) = &self.gone {
-            if reason == Extent::ServerDropped {
-                gone.fire();
-            } else {
-                gone.abandon();
-            }
+            gone.cancel_for(reason);
         }
         if let Some(owner) = &self.owner {
             owner.dropped(reason, Some((progress.status, progress.bytes)));
