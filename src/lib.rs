@@ -21,6 +21,8 @@
 //!   slow to send its request body with 408, and [`ResponseBodyTimeoutLayer`] ends a response
 //!   stream that stalls or runs too long (an HTTP/2 reset with `CANCEL`, gRPC trailers with
 //!   `DEADLINE_EXCEEDED`), each recorded as its own outcome.
+//! - At a deploy, [`Shutdown`] gives the requests in flight a grace, then answers each one still
+//!   running with a 503 (gRPC `UNAVAILABLE`), recorded as `server_shutdown`, never as a 499.
 //! - For gRPC requests, every generated response is a trailers-only gRPC status
 //!   (`DEADLINE_EXCEEDED`, `UNAVAILABLE`, …; see [`grpc`]), [`ResponseTimeoutLayer`] honours
 //!   the caller's `grpc-timeout` (capped by its own limit), and [`PropagateDeadlineLayer`]
