@@ -14,6 +14,9 @@
 //! - a listener that never accepts (connects succeed, nobody answers) → 504
 //!   `http_response_timeout`.
 //!
+//! Then a shutdown (see `shutdown.rs`): three slow requests in flight, a grace that runs out,
+//! a 503 for each and `server_shutdown` recorded, never a 499.
+//!
 //! Then the gRPC scenarios (see `grpc.rs`), played with tonic's client against tonic servers
 //! and a gRPC gateway: what a gRPC client gets for each outcome, and what is recorded.
 //!
@@ -22,6 +25,7 @@
 mod grpc;
 #[path = "../../tests/probe/mod.rs"]
 mod probe;
+mod shutdown;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -1038,6 +1042,7 @@ async fn run() -> Result<Vec<Row>, String> {
     for scenario in SCENARIOS {
         rows.push(driver.play(scenario).await);
     }
+    rows.push(shutdown::run().await?);
     rows.extend(grpc::run(upstreams.blackhole).await?);
     drop(upstreams);
     Ok(rows)
