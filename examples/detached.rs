@@ -1,8 +1,9 @@
 //! Run with: cargo run --example detached
 //!
 //! A server whose `/transfer` handler must not be cut in half: under `DetachLayer`, it runs to
-//! its end even when its client leaves (the 499 is still recorded), and at shutdown the server
-//! drains that detached work under a cap before it exits.
+//! its end even when its client leaves (the 499 is still recorded). At shutdown (Ctrl-C), the
+//! requests in flight get a grace (`Shutdown`, then a 503), and the detached work drains after
+//! the server, under a cap of its own, before the process exits.
 //!
 //! Try it:
 //!
@@ -18,9 +19,13 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
 use tower_timeouts::detach::Finished;
-use tower_timeouts::{ClientDisconnectLayer, DetachLayer, Outcome, Report, ResponseTimeoutLayer};
+use tower_timeouts::{
+    ClientDisconnectLayer, DetachLayer, Outcome, Report, ResponseTimeoutLayer, Shutdown,
+};
 
-/// How long detached work may still run once the server stopped accepting.
+/// The grace of the requests in flight once the shutdown begins; then they get a 503.
+const GRACE: Duration = Duration::from_secs(3);
+/// How long detached work may still run once the server is done.
 const DRAIN_CAP: Duration = Duration::from_secs(5);
 
 /// Two steps that must both happen, or neither.
@@ -39,10 +44,13 @@ async fn main() -> std::io::Result<()> {
     // Kept to drain the detached work at shutdown.
     let tracker = detach.tracker();
 
+    let shutdown = Shutdown::new(GRACE);
+
     let app = Router::new()
         .route("/transfer", get(transfer).layer(detach))
         .layer(
             ServiceBuilder::new()
+                .layer(shutdown.layer())
                 .layer(
                     ClientDisconnectLayer::new().on_outcome(|report: &Report<'_>| {
                         if let Outcome::ClientDisconnected { .. } = report.outcome() {
@@ -55,11 +63,14 @@ async fn main() -> std::io::Result<()> {
 
     let listener = TcpListener::bind("127.0.0.1:3000").await?;
     println!("listening on http://127.0.0.1:3000 (Ctrl-C to stop)");
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        println!("shutting down: no new connections; {GRACE:?} for the requests in flight");
+        on_signal.begin();
+    });
     axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-            println!("shutting down: no new connections");
-        })
+        .with_graceful_shutdown(shutdown.begun())
         .await?;
 
     // The server is done with its connections; detached handlers may still be running.
