@@ -248,8 +248,9 @@ impl<S> ShutdownService<S> {
 #[derive(Debug)]
 struct Answer {
     responses: ResponseConfig,
-    /// The request's `content-type`, when it is gRPC and gets gRPC answers.
-    grpc: Option<HeaderValue>,
+    /// The request's `content-type`, when it is gRPC and gets gRPC answers. Boxed, so that the
+    /// future of every other request stays small.
+    grpc: Option<Box<HeaderValue>>,
     http1: bool,
     /// The request's exchange, whichever layer records it.
     exchange: Option<Arc<Exchange>>,
@@ -281,7 +282,7 @@ where
         let share = layer.recorder.start(&mut request, joining);
         let answer = Answer {
             responses: layer.responses.clone(),
-            grpc: layer.responses.grpc_of(request.headers()),
+            grpc: layer.responses.grpc_of(request.headers()).map(Box::new),
             http1: request.version() <= Version::HTTP_11,
             exchange: if nothing_can_see() {
                 None
@@ -297,7 +298,7 @@ where
             inner: Guarded::new(inner, share),
             over: None,
             shutdown: layer.shutdown.clone(),
-            answer: Some(Box::new(answer)),
+            answer: Some(answer),
         }
     }
 }
@@ -311,7 +312,7 @@ pin_project! {
         #[pin]
         over: Option<WaitForCancellationFutureOwned>,
         shutdown: Shutdown,
-        answer: Option<Box<Answer>>,
+        answer: Option<Answer>,
     }
 
     impl<F> PinnedDrop for ShutdownFuture<F> {
@@ -374,7 +375,7 @@ where
         let answer = this.answer.take().expect("answered once");
         let outcome =
             Outcome::server_shutdown(Phase::BeforeHead, Some(StatusCode::SERVICE_UNAVAILABLE), 0);
-        let response = answer.responses.generate(outcome, answer.grpc.as_ref());
+        let response = answer.responses.generate(outcome, answer.grpc.as_deref());
         let status = response.status();
         let shutdown = this.shutdown.clone();
         let mut response = response.map(|generated| {

@@ -21,7 +21,9 @@ use http_body::Body;
 use http_body_util::Full;
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
 use tower::{Service, ServiceBuilder};
-use tower_timeouts::{ClientDisconnectLayer, ResponseTimeoutLayer};
+use tower_timeouts::{
+    ClientDisconnectLayer, ResponseBodyTimeoutLayer, ResponseTimeoutLayer, Shutdown,
+};
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<std::alloc::System> = &INSTRUMENTED_SYSTEM;
@@ -94,5 +96,20 @@ fn the_fast_path_allocates_nothing_beyond_the_inner_service() {
     assert_eq!(
         stack, bare,
         "the full stack allocated {stack} times in {REQUESTS} requests, the bare service {bare}"
+    );
+    // A shutdown's layer, and a response-body limit, on a plain request: nothing either. (A
+    // request-body limit shares one allocation between the body and the future.)
+    let shutdown = Shutdown::new(Duration::from_secs(10));
+    let with_shutdown = allocations(
+        ServiceBuilder::new()
+            .layer(shutdown.layer())
+            .layer(ClientDisconnectLayer::new())
+            .layer(ResponseBodyTimeoutLayer::new().idle(Duration::from_secs(10)))
+            .layer(ResponseTimeoutLayer::new(Duration::from_secs(10)))
+            .service(inner()),
+    );
+    assert_eq!(
+        with_shutdown, bare,
+        "with the shutdown and body layers: {with_shutdown} allocations, bare {bare}"
     );
 }
