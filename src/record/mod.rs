@@ -47,9 +47,10 @@
 //!    exchange to the body's `Tail`, which records at the end of the body.
 //! 5. `drop` with the inner future still there: the drop's extent says why. Outside all of the
 //!    crate's layers (the server dropped the request) it is *ServerDropped*: a client that left,
-//!    for every layer inside; while a crate layer polls or abandons, *Abandoned*. The inner
-//!    future is dropped in that extent, then the recording layer records the drop
-//!    (`Stage::dropped`).
+//!    for every layer inside; while a crate layer polls or abandons, *Abandoned*; while a
+//!    [`ShutdownLayer`](crate::ShutdownLayer) whose grace ran out drops what it wraps,
+//!    *ShutDown* (the server's, never a client's). The inner future is dropped in that extent,
+//!    then the recording layer records the drop (`Stage::dropped`).
 //!
 //! A `ClientDisconnect` fires its [`ClientGone`](crate::ClientGone) only when its future or its
 //! body is dropped early in the *ServerDropped* extent. A timeout of the crate, inside or
