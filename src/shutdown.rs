@@ -52,7 +52,7 @@
 //!    may retry. A response already streaming its body is ended as a body limit ends it (an
 //!    HTTP/2 reset with `CANCEL`, the HTTP/1 connection closed, gRPC trailers with
 //!    `UNAVAILABLE`). The handler is dropped.
-//! 4. Each of those is recorded once as [`Outcome::ServerShutdown`](crate::Outcome::ServerShutdown)
+//! 4. Each of those is recorded once as [`Outcome::ServerShutdown`]
 //!    (`error.type=server_shutdown`, an error on the span, the hook told), and the request's
 //!    [`ClientGone`](crate::ClientGone) is cancelled with
 //!    [`Cancelled::ServerShutdown`](crate::signal::Cancelled::ServerShutdown): `gone()` does
