@@ -4,7 +4,12 @@
 //! confused, the binding limit on the span, and upstream calls that are never a second request.
 //! The body limits are in the matrix too: a stalled upload answered 408 and a stalled stream
 //! cut, each one outcome of its own, in the placements users write, and never a client leaving
-//! for the request's `ClientGone` (which is cancelled as abandoned).
+//! for the request's `ClientGone` (which is cancelled as abandoned). So is a server's shutdown,
+//! the shutdown layer outermost in each placement: a request still running when the grace runs
+//! out answered 503 (`Connection: close` on HTTP/1.1), a stream under way cut, each recorded once
+//! as `server_shutdown` and its `ClientGone` cancelled for the server's shutdown, never as a
+//! client leaving; a request that ends within the grace, or whose client leaves within it, is
+//! what it is without a shutdown.
 //!
 //! A *placement* builds the app the way an axum user writes it, from the crate's layers with a
 //! hook on every one of them (all into one [`Outcomes`], so that a second call shows). A
@@ -14,18 +19,20 @@
 //! apart by the `user-agent` its client sends. A failing test lists every failing case with
 //! every broken rule, named `[placement | scenario | server | version]`.
 //!
-//! Nothing here orders events by sleeping: a client leaves once the handler said it started,
-//! and the checks wait (within [`SOON`]) for the report and for the handler to be dropped. Only
-//! then a short [`GRACE`] gives a wrong second record (a 499 after a 504, a second hook call)
-//! the chance to show before the counts are taken; the known ones are synchronous with the
-//! first record.
+//! Nothing here orders events by sleeping: a client leaves, a shutdown begins or its grace ends,
+//! once the handler said it started (a stream: that its frame went out), and the checks wait
+//! (within [`SOON`]) for the report and for the handler to be dropped. Only then a short
+//! [`GRACE`] gives a wrong second record (a 499 after a 504, a second hook call) the chance to
+//! show before the counts are taken; the known ones are synchronous with the first record.
 
 mod common;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -41,12 +48,13 @@ use http::header::{ACCEPT_ENCODING, CONNECTION, CONTENT_ENCODING, HOST, USER_AGE
 use http::{HeaderMap, StatusCode, Uri};
 use http_body::Frame;
 use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 use tower::layer::util::{Identity, Stack};
@@ -64,7 +72,7 @@ use tower_timeouts::trace::{
 use tower_timeouts::{
     trace, ClientDisconnectLayer, ClientGone, ConnectTimeoutLayer, Generated, Outcome, Phase,
     ProxyError, RequestBodyTimeoutLayer, ResponseBody, ResponseBodyTimeoutLayer,
-    ResponseTimeoutLayer, UpstreamFailureLayer,
+    ResponseTimeoutLayer, Shutdown, ShutdownLayer, UpstreamFailureLayer,
 };
 use tracing::Instrument as _;
 
@@ -104,6 +112,11 @@ struct Probe {
     live: Live,
     started: mpsc::UnboundedSender<()>,
     watched: mpsc::UnboundedSender<()>,
+    /// Sent when a stream is polled again after its frame: the frame went out through every
+    /// layer.
+    frame_sent: mpsc::UnboundedSender<()>,
+    /// Lets the gated handler answer.
+    release: Arc<Notify>,
     /// What `ClientGone::current()` gave each handler call.
     signals: Arc<Mutex<Vec<Option<ClientGone>>>>,
     calls: Arc<AtomicUsize>,
@@ -114,22 +127,27 @@ struct Reports {
     started: mpsc::UnboundedReceiver<()>,
     /// One message per `ClientGone` that fired, sent by a task the handler spawned.
     watched: mpsc::UnboundedReceiver<()>,
+    frame_sent: mpsc::UnboundedReceiver<()>,
 }
 
 impl Probe {
     fn new() -> (Probe, Reports) {
         let (started, started_rx) = mpsc::unbounded_channel();
         let (watched, watched_rx) = mpsc::unbounded_channel();
+        let (frame_sent, frame_sent_rx) = mpsc::unbounded_channel();
         let probe = Probe {
             live: Live::new(),
             started,
             watched,
+            frame_sent,
+            release: Arc::default(),
             signals: Arc::default(),
             calls: Arc::default(),
         };
         let reports = Reports {
             started: started_rx,
             watched: watched_rx,
+            frame_sent: frame_sent_rx,
         };
         (probe, reports)
     }
@@ -172,6 +190,15 @@ async fn slow(State(probe): State<Probe>) -> String {
     unreachable!()
 }
 
+/// Answers once the test releases it: live until then, and says when it started.
+async fn gated(State(probe): State<Probe>) -> String {
+    probe.take_signal();
+    let _live = probe.live.enter();
+    let _ = probe.started.send(());
+    probe.release.notified().await;
+    fast_body()
+}
+
 /// Slow at its first call, fast after.
 async fn flaky(State(probe): State<Probe>) -> String {
     if probe.calls.fetch_add(1, Ordering::SeqCst) == 0 {
@@ -207,16 +234,18 @@ async fn upload_empty_answer(
 }
 
 /// Answers at once with a stream of one frame that then stalls, live until the stream is
-/// dropped.
+/// dropped; says when it is polled past its frame.
 async fn stream(State(probe): State<Probe>) -> Response {
     probe.take_signal();
-    let live = probe.live.enter();
-    let frames = futures_util::stream::unfold((live, false), |(live, sent)| async move {
+    let state = (probe.live.enter(), probe.frame_sent.clone(), false);
+    let frames = futures_util::stream::unfold(state, |(live, frame_sent, sent)| async move {
         if sent {
+            // Polled again: the frame has passed every layer below the server.
+            let _ = frame_sent.send(());
             std::future::pending::<()>().await;
         }
         let frame = Ok::<_, Infallible>(Bytes::from_static(STREAM_FRAME));
-        Some((frame, (live, true)))
+        Some((frame, (live, frame_sent, true)))
     });
     Response::new(Body::from_stream(frames))
 }
@@ -225,6 +254,7 @@ fn routes(probe: Probe) -> Router {
     Router::new()
         .route("/fast", get(fast))
         .route("/slow", get(slow))
+        .route("/gated", get(gated))
         .route("/flaky", get(flaky))
         .route("/upload", post(upload))
         .route("/upload-empty-answer", post(upload_empty_answer))
@@ -243,6 +273,10 @@ struct Kit {
     outer: Duration,
     /// How many times the retry placements retry a 504.
     retries: usize,
+    /// The idle limit of the body limits.
+    body_idle: Duration,
+    /// The case's own shutdown: one-way, so never shared.
+    shutdown: Shutdown,
 }
 
 type CdRt = ServiceBuilder<Stack<ResponseTimeoutLayer, Stack<ClientDisconnectLayer, Identity>>>;
@@ -260,20 +294,27 @@ impl Kit {
         ResponseTimeoutLayer::new(limit).on_outcome(self.outcomes.hook())
     }
 
-    /// The request-body limits: [`SHORT`] without a frame while the handler waits for one.
+    /// The request-body limits: `body_idle` ([`SHORT`] where they fire) without a frame while
+    /// the handler waits for one.
     fn rb(&self) -> RequestBodyTimeoutLayer {
         RequestBodyTimeoutLayer::new()
-            .idle(SHORT)
+            .idle(self.body_idle)
             .total(LONG)
             .on_outcome(self.outcomes.hook())
     }
 
-    /// The response-body limits: [`SHORT`] without a frame while the server waits for one.
+    /// The response-body limits: `body_idle` ([`SHORT`] where they fire) without a frame while
+    /// the server waits for one.
     fn sb(&self) -> ResponseBodyTimeoutLayer {
         ResponseBodyTimeoutLayer::new()
-            .idle(SHORT)
+            .idle(self.body_idle)
             .total(LONG)
             .on_outcome(self.outcomes.hook())
+    }
+
+    /// The case's shutdown layer.
+    fn sd(&self) -> ShutdownLayer {
+        self.shutdown.layer().on_outcome(self.outcomes.hook())
     }
 
     /// The documented stack: `ClientDisconnectLayer` outside `ResponseTimeoutLayer`.
@@ -746,6 +787,126 @@ const ALL: &[Scenario] = &[
     Scenario::StalledStream,
 ];
 
+// The shutdown layer (`SD`), outermost among the crate's layers as its docs say, in the
+// placements users write: one `ServiceBuilder`, `Router::layer` calls, outside a nested router,
+// with axum's `from_fn` between it and the rest, under tower-http's tracing and compression,
+// and with the body limits inside it. Each case has a `Shutdown` of its own.
+
+const SHUTDOWN: &[Scenario] = &[
+    Scenario::ShutdownSlow,
+    Scenario::ShutdownStream,
+    Scenario::ShutdownCompletes,
+    Scenario::ShutdownLeaves,
+];
+
+const SHUTDOWN_DEFAULTS: Placement = Placement {
+    scenarios: SHUTDOWN,
+    ..DEFAULTS
+};
+
+static SD_ONE_SERVICE_BUILDER: Placement = Placement {
+    name: "13a one ServiceBuilder (SD, CD, RT)",
+    build: |kit, routes| {
+        routes.layer(
+            ServiceBuilder::new()
+                .layer(kit.sd())
+                .layer(kit.cd())
+                .layer(kit.rt()),
+        )
+    },
+    ..SHUTDOWN_DEFAULTS
+};
+
+static SD_LAYER_CALLS: Placement = Placement {
+    name: "13b .layer(RT).layer(CD).layer(SD)",
+    build: |kit, routes| routes.layer(kit.rt()).layer(kit.cd()).layer(kit.sd()),
+    ..SHUTDOWN_DEFAULTS
+};
+
+static SD_NESTED: Placement = Placement {
+    name: "13c nested router with the stack, SD outside",
+    build: |kit, routes| {
+        Router::new()
+            .nest("/api", routes.layer(kit.stack(kit.limit)))
+            .layer(kit.sd())
+    },
+    prefix: "/api",
+    ..SHUTDOWN_DEFAULTS
+};
+
+static SD_FROM_FN_BETWEEN: Placement = Placement {
+    name: "13d .layer(RT).layer(CD).layer(from_fn).layer(SD)",
+    build: |kit, routes| {
+        routes
+            .layer(kit.rt())
+            .layer(kit.cd())
+            .layer(from_fn(pass))
+            .layer(kit.sd())
+    },
+    ..SHUTDOWN_DEFAULTS
+};
+
+static SD_UNDER_TRACE_COMPRESSION_ONE_SERVICE_BUILDER: Placement = Placement {
+    name: "13e one ServiceBuilder (Trace, Compression, SD.record_in_current_span, CD, RT)",
+    build: |kit, routes| {
+        routes.layer(
+            ServiceBuilder::new()
+                .layer(trace_layer())
+                .layer(CompressionLayer::new())
+                .layer(kit.sd().record_in_current_span())
+                .layer(kit.cd())
+                .layer(kit.rt()),
+        )
+    },
+    gzip: true,
+    ..SHUTDOWN_DEFAULTS
+};
+
+static SD_UNDER_TRACE_COMPRESSION_LAYER_CALLS: Placement = Placement {
+    name:
+        "13f .layer(RT).layer(CD).layer(SD.record_in_current_span).layer(Compression).layer(Trace)",
+    build: |kit, routes| {
+        routes
+            .layer(kit.rt())
+            .layer(kit.cd())
+            .layer(kit.sd().record_in_current_span())
+            .layer(CompressionLayer::new())
+            .layer(trace_layer())
+    },
+    gzip: true,
+    ..SHUTDOWN_DEFAULTS
+};
+
+/// Every layer of the crate on the request, the shutdown layer outermost.
+static SD_ALL_LAYERS_ONE_SERVICE_BUILDER: Placement = Placement {
+    name: "13g one ServiceBuilder (SD, CD, RB, SB, RT)",
+    build: |kit, routes| {
+        routes.layer(
+            ServiceBuilder::new()
+                .layer(kit.sd())
+                .layer(kit.cd())
+                .layer(kit.rb())
+                .layer(kit.sb())
+                .layer(kit.rt()),
+        )
+    },
+    ..SHUTDOWN_DEFAULTS
+};
+
+/// The same, one `Router::layer` call each, the body limits right inside the shutdown layer.
+static SD_ALL_LAYERS_LAYER_CALLS: Placement = Placement {
+    name: "13h .layer(RT).layer(CD).layer(SB).layer(RB).layer(SD)",
+    build: |kit, routes| {
+        routes
+            .layer(kit.rt())
+            .layer(kit.cd())
+            .layer(kit.sb())
+            .layer(kit.rb())
+            .layer(kit.sd())
+    },
+    ..SHUTDOWN_DEFAULTS
+};
+
 // ---------------------------------------------------------------------------------------------
 // Scenarios
 
@@ -772,6 +933,18 @@ enum Scenario {
     /// g. A stream that stalls after its first frame: the body is cut,
     /// `response_body_timeout` with the frame's bytes.
     StalledStream,
+    /// h. The slow handler still running when the shutdown's grace runs out: 503 (with
+    /// `Connection: close` on HTTP/1.1, and the connection closed), `server_shutdown` before
+    /// the head.
+    ShutdownSlow,
+    /// i. A stream under way (one frame, then stalled) when the grace is ended: the body is
+    /// cut, `server_shutdown` during the body with the frame's bytes.
+    ShutdownStream,
+    /// j. A request in flight when the shutdown begins that completes within the grace:
+    /// `completed`.
+    ShutdownCompletes,
+    /// k. The client leaves after the shutdown began, within the grace: `client_disconnected`.
+    ShutdownLeaves,
 }
 
 impl Scenario {
@@ -786,6 +959,10 @@ impl Scenario {
             Scenario::StalledUpload => "f stalled upload",
             Scenario::StalledUploadEmptyAnswer => "f stalled upload, an empty answer",
             Scenario::StalledStream => "g stalled stream",
+            Scenario::ShutdownSlow => "h slow when the grace runs out",
+            Scenario::ShutdownStream => "i streaming when the grace ends",
+            Scenario::ShutdownCompletes => "j completes within the grace",
+            Scenario::ShutdownLeaves => "k client leaves within the grace",
         }
     }
 
@@ -802,7 +979,35 @@ impl Scenario {
             | Scenario::StalledUpload
             | Scenario::StalledUploadEmptyAnswer
             | Scenario::StalledStream => (LONG, LONG),
+            // Only the shutdown ends what it ends.
+            Scenario::ShutdownSlow
+            | Scenario::ShutdownStream
+            | Scenario::ShutdownCompletes
+            | Scenario::ShutdownLeaves => (LONG, LONG),
             Scenario::OuterFirst => (LONG, SHORT),
+        }
+    }
+
+    /// The idle limit of the body limits: [`SHORT`], but where only the shutdown may end
+    /// anything.
+    fn body_idle(self) -> Duration {
+        if self.shuts_down() {
+            LONG
+        } else {
+            SHORT
+        }
+    }
+
+    fn shuts_down(self) -> bool {
+        SHUTDOWN.contains(&self)
+    }
+
+    /// The grace of the case's shutdown: the slow handler's runs out on its own, after
+    /// `begin`; the stream's is ended with `end_grace`; the others' never end in the test.
+    fn grace(self) -> Duration {
+        match self {
+            Scenario::ShutdownSlow => SHORT,
+            _ => LONG,
         }
     }
 
@@ -834,6 +1039,8 @@ enum Expect {
     Refused,
     RequestBodyTimeout { limit: Duration },
     ResponseBodyTimeout { limit: Duration, bytes: u64 },
+    ShutdownBeforeHead,
+    ShutdownDuringBody { bytes: u64 },
 }
 
 impl Expect {
@@ -885,6 +1092,24 @@ impl Expect {
                     ..
                 },
             ) => timeout == limit && *sent_status == StatusCode::OK && bytes_sent == bytes,
+            (
+                Expect::ShutdownBeforeHead,
+                Outcome::ServerShutdown {
+                    phase: Phase::BeforeHead,
+                    sent_status: Some(StatusCode::SERVICE_UNAVAILABLE),
+                    bytes_sent: 0,
+                    ..
+                },
+            ) => true,
+            (
+                Expect::ShutdownDuringBody { bytes },
+                Outcome::ServerShutdown {
+                    phase: Phase::DuringBody,
+                    sent_status: Some(StatusCode::OK),
+                    bytes_sent,
+                    ..
+                },
+            ) => bytes_sent == bytes,
             _ => false,
         }
     }
@@ -899,6 +1124,7 @@ impl Expect {
             Expect::Refused => "connect_failed",
             Expect::RequestBodyTimeout { .. } => "request_body_timeout",
             Expect::ResponseBodyTimeout { .. } => "response_body_timeout",
+            Expect::ShutdownBeforeHead | Expect::ShutdownDuringBody { .. } => "server_shutdown",
         }
     }
 
@@ -944,6 +1170,16 @@ impl Expect {
                 fields.push((HTTP_RESPONSE_STATUS_CODE, status(StatusCode::OK)));
                 fields.push((RECORDED_STATUS, status(StatusCode::OK)));
                 fields.push((ERROR_TYPE, Some("response_body_timeout".to_owned())));
+            }
+            Expect::ShutdownBeforeHead | Expect::ShutdownDuringBody { .. } => {
+                let code = if *self == Expect::ShutdownBeforeHead {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::OK
+                };
+                fields.push((HTTP_RESPONSE_STATUS_CODE, status(code)));
+                fields.push((RECORDED_STATUS, status(code)));
+                fields.push((ERROR_TYPE, Some("server_shutdown".to_owned())));
             }
         }
         if let Some(binding) = binding {
@@ -1139,8 +1375,9 @@ async fn next_start(started: &mut mpsc::UnboundedReceiver<()>, path: &str) -> Re
     }
 }
 
-/// A GET whose client leaves once the handler started `starts` times: HTTP/1.1 closes its
-/// socket (a GET is seen at once), HTTP/2 resets the stream and keeps the connection.
+/// A GET whose client leaves once the handler started `starts` times and `before_leaving` ran:
+/// HTTP/1.1 closes its socket (a GET is seen at once), HTTP/2 resets the stream and keeps the
+/// connection.
 async fn leave(
     http: Http,
     addr: SocketAddr,
@@ -1148,6 +1385,7 @@ async fn leave(
     agent: &str,
     started: &mut mpsc::UnboundedReceiver<()>,
     starts: usize,
+    before_leaving: impl FnOnce(),
 ) -> Result<Connection, String> {
     match http {
         Http::V1 => {
@@ -1164,6 +1402,7 @@ async fn leave(
             for _ in 0..starts {
                 next_start(started, path).await?;
             }
+            before_leaving();
             drop(stream);
             Ok(None)
         }
@@ -1181,6 +1420,7 @@ async fn leave(
                     start = next_start(started, path) => start?,
                 }
             }
+            before_leaving();
             // RST_STREAM CANCEL; the connection stays.
             drop(response);
             Ok(Some(send))
@@ -1243,6 +1483,8 @@ async fn stalled_upload(
     path: &str,
     agent: &str,
 ) -> Result<Fetched, String> {
+    // What came on an HTTP/1.1 connection.
+    let mut received = Vec::new();
     let exchange = async {
         match http {
             Http::V1 => {
@@ -1262,17 +1504,9 @@ async fn stalled_upload(
                     .write_all(UPLOAD_SENT)
                     .await
                     .map_err(|error| error.to_string())?;
-                let mut received = Vec::new();
-                let mut chunk = [0; 4096];
-                loop {
-                    match stream.read(&mut chunk).await {
-                        Ok(0) => break,
-                        Ok(n) => received.extend_from_slice(&chunk[..n]),
-                        // A reset is a close too; what came before it is read already.
-                        Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => break,
-                        Err(error) => return Err(format!("POST {path}: {error}")),
-                    }
-                }
+                read_to_close(&mut stream, &mut received)
+                    .await
+                    .map_err(|error| format!("POST {path}: {error}"))?;
                 parse_head(&received).map_err(|error| format!("POST {path}: {error}"))
             }
             Http::V2 => {
@@ -1307,11 +1541,220 @@ async fn stalled_upload(
             }
         }
     };
-    timeout(SOON, exchange).await.unwrap_or_else(|_| {
+    let answered = timeout(SOON, exchange).await;
+    answered.unwrap_or_else(|_| {
         Err(format!(
-            "POST {path}: no answer, or the connection still open, after {SOON:?}"
+            "POST {path}: no answer, or the connection still open, after {SOON:?}, having read \
+             {:?}",
+            String::from_utf8_lossy(&received)
         ))
     })
+}
+
+/// Reads what a socket receives into `received` until the server closes it (kept by the
+/// caller, so that a connection still open can be shown with what came on it).
+async fn read_to_close(stream: &mut TcpStream, received: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut chunk = [0; 4096];
+    loop {
+        match stream.read(&mut chunk).await {
+            Ok(0) => return Ok(()),
+            Ok(n) => received.extend_from_slice(&chunk[..n]),
+            // A reset is a close too; what came before it is read already.
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => return Ok(()),
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Keeps a client's connection open while it lives.
+type Kept = Box<dyn std::any::Any + Send>;
+
+/// The answer to a GET sent with hyper's client, with the connection it came on.
+type Answer =
+    Pin<Box<dyn Future<Output = Result<(http::Response<Incoming>, Kept), String>> + Send>>;
+
+/// A GET on a fresh connection, sent when the answer is first polled.
+async fn send_get(http: Http, addr: SocketAddr, path: &str, agent: &str) -> Answer {
+    let request = client_request(addr, path, agent);
+    let failed = format!("GET {path}");
+    match http {
+        Http::V1 => {
+            let mut send = common::h1(addr).await;
+            Box::pin(async move {
+                let response = send.send_request(request).await;
+                let response = response.map_err(|error| format!("{failed}: {error}"))?;
+                Ok((response, Box::new(send) as Kept))
+            })
+        }
+        Http::V2 => {
+            let mut send = common::h2(addr).await;
+            Box::pin(async move {
+                let response = send.send_request(request).await;
+                let response = response.map_err(|error| format!("{failed}: {error}"))?;
+                Ok((response, Box::new(send) as Kept))
+            })
+        }
+    }
+}
+
+/// A GET whose handler said it started, its answer still to come.
+async fn started_get(
+    http: Http,
+    addr: SocketAddr,
+    path: &str,
+    agent: &str,
+    started: &mut mpsc::UnboundedReceiver<()>,
+) -> Result<Answer, String> {
+    let mut answer = send_get(http, addr, path, agent).await;
+    tokio::select! {
+        answered = &mut answer => Err(format!(
+            "GET {path}: answered {:?} before the handler started",
+            answered.map(|(response, _)| response.status())
+        )),
+        start = next_start(started, path) => start.map(|()| answer),
+    }
+}
+
+/// Waits for an answer and reads its body to the end.
+async fn fetched(answer: Answer, path: &str) -> Result<Fetched, String> {
+    let (response, _kept) = answer.await?;
+    let (parts, body) = response.into_parts();
+    body.collect()
+        .await
+        .map_err(|error| format!("GET {path}: the body failed: {error}"))?;
+    Ok(Fetched {
+        status: parts.status,
+        headers: parts.headers,
+    })
+}
+
+/// A GET whose handler never answers, once it started: the shutdown begins, and its grace runs
+/// out. HTTP/1.1 on a raw socket, read until the server closes it (which it must do after an
+/// answer with `Connection: close`); HTTP/2 with hyper's client.
+async fn answered_at_shutdown(
+    http: Http,
+    addr: SocketAddr,
+    path: &str,
+    agent: &str,
+    started: &mut mpsc::UnboundedReceiver<()>,
+    shutdown: &Shutdown,
+) -> Result<Fetched, String> {
+    // What came on an HTTP/1.1 connection.
+    let mut received = Vec::new();
+    let exchange = async {
+        match http {
+            Http::V1 => {
+                let mut stream = TcpStream::connect(addr)
+                    .await
+                    .map_err(|error| error.to_string())?;
+                stream.set_nodelay(true).unwrap();
+                let request = format!(
+                    "GET {path} HTTP/1.1\r\nhost: localhost\r\nuser-agent: {agent}\r\n\
+                     accept-encoding: gzip\r\n\r\n"
+                );
+                stream
+                    .write_all(request.as_bytes())
+                    .await
+                    .map_err(|error| error.to_string())?;
+                next_start(started, path).await?;
+                shutdown.begin();
+                read_to_close(&mut stream, &mut received)
+                    .await
+                    .map_err(|error| format!("GET {path}: {error}"))?;
+                parse_head(&received).map_err(|error| format!("GET {path}: {error}"))
+            }
+            Http::V2 => {
+                let answer = started_get(http, addr, path, agent, started).await?;
+                shutdown.begin();
+                fetched(answer, path).await
+            }
+        }
+    };
+    let answered = timeout(SOON, exchange).await;
+    answered.unwrap_or_else(|_| {
+        Err(format!(
+            "GET {path}: no answer, or the connection still open, after {SOON:?}, having read \
+             {:?}",
+            String::from_utf8_lossy(&received)
+        ))
+    })
+}
+
+/// A GET of a stream that stalls after its frame: once the frame went out (and, with
+/// `see_frame`, once the client got it), the shutdown's grace is ended; the body is read to its
+/// end or its cut.
+async fn cut_at_shutdown(
+    http: Http,
+    addr: SocketAddr,
+    path: &str,
+    agent: &str,
+    frame_sent: &mut mpsc::UnboundedReceiver<()>,
+    see_frame: bool,
+    shutdown: &Shutdown,
+) -> Result<Streamed, String> {
+    let exchange = async {
+        let (response, _kept) = send_get(http, addr, path, agent).await.await?;
+        let (parts, mut body) = response.into_parts();
+        let mut bytes = Vec::new();
+        let mut ended = None;
+        while see_frame && ended.is_none() && bytes.len() < STREAM_FRAME.len() {
+            ended = read_frame(&mut body, &mut bytes).await;
+        }
+        if ended.is_none() {
+            frame_sent
+                .recv()
+                .await
+                .ok_or_else(|| format!("GET {path}: the stream said nothing"))?;
+            shutdown.end_grace();
+        }
+        while ended.is_none() {
+            ended = read_frame(&mut body, &mut bytes).await;
+        }
+        Ok(Streamed {
+            status: parts.status,
+            body: bytes,
+            cut: ended == Some(true),
+        })
+    };
+    timeout(SOON, exchange)
+        .await
+        .unwrap_or_else(|_| Err(format!("GET {path}: not ended within {SOON:?}")))
+}
+
+/// Reads one frame of `body`, its data into `bytes`; once the body ended, whether it was cut.
+async fn read_frame(body: &mut Incoming, bytes: &mut Vec<u8>) -> Option<bool> {
+    match body.frame().await {
+        None => Some(false),
+        Some(Ok(frame)) => {
+            if let Ok(data) = frame.into_data() {
+                bytes.extend_from_slice(&data);
+            }
+            None
+        }
+        Some(Err(_)) => Some(true),
+    }
+}
+
+/// A GET whose handler waits for the test, once it started: the shutdown begins, then the
+/// handler is let go and answers within the grace.
+async fn completes_in_grace(
+    http: Http,
+    addr: SocketAddr,
+    path: &str,
+    agent: &str,
+    probe: &Probe,
+    started: &mut mpsc::UnboundedReceiver<()>,
+    shutdown: &Shutdown,
+) -> Result<Fetched, String> {
+    let exchange = async {
+        let answer = started_get(http, addr, path, agent, started).await?;
+        shutdown.begin();
+        probe.release.notify_one();
+        fetched(answer, path).await
+    };
+    timeout(SOON, exchange)
+        .await
+        .unwrap_or_else(|_| Err(format!("GET {path}: no answer within {SOON:?}")))
 }
 
 /// What a client got of a stream.
@@ -1389,6 +1832,8 @@ async fn run_case(
         limit,
         outer,
         retries: scenario.retries(),
+        body_idle: scenario.body_idle(),
+        shutdown: Shutdown::new(scenario.grace()),
     };
     let response_limit = if placement.twice {
         limit.min(outer)
@@ -1467,6 +1912,7 @@ async fn run_case(
                 &agent,
                 &mut reports.started,
                 starts,
+                || (),
             )
             .await
             {
@@ -1539,6 +1985,127 @@ async fn run_case(
                 bytes: STREAM_FRAME.len() as u64,
             }
         }
+        Scenario::ShutdownSlow => {
+            let shutdown = &kit.shutdown;
+            let slow = path("/slow");
+            match answered_at_shutdown(http, addr, &slow, &agent, &mut reports.started, shutdown)
+                .await
+            {
+                Ok(fetched) => {
+                    check.ensure(fetched.status == StatusCode::SERVICE_UNAVAILABLE, || {
+                        format!("the client got {}, expected 503", fetched.status)
+                    });
+                    // HTTP/2 has no `Connection`: the stream ends alone.
+                    if http == Http::V1 {
+                        let close = fetched.headers.get(CONNECTION);
+                        check.ensure(
+                            close.is_some_and(|value| {
+                                value.as_bytes().eq_ignore_ascii_case(b"close")
+                            }),
+                            || format!("expected `connection: close` on the 503, got {close:?}"),
+                        );
+                    }
+                    // The server's own answer: no proxy error to name.
+                    let proxy_status = fetched.headers.get(PROXY_STATUS);
+                    check.ensure(proxy_status.is_none(), || {
+                        format!("Proxy-Status on the 503: {proxy_status:?}")
+                    });
+                }
+                Err(error) => check.fail(error),
+            }
+            Expect::ShutdownBeforeHead
+        }
+        Scenario::ShutdownStream => {
+            let route = path("/stream");
+            let cut = cut_at_shutdown(
+                http,
+                addr,
+                &route,
+                &agent,
+                &mut reports.frame_sent,
+                !placement.gzip,
+                &kit.shutdown,
+            );
+            match cut.await {
+                Ok(streamed) => {
+                    check.ensure(streamed.status == StatusCode::OK, || {
+                        format!("the client got {}, expected 200", streamed.status)
+                    });
+                    check.ensure(streamed.cut, || {
+                        format!(
+                            "the stream ended cleanly after {} bytes: it was not cut",
+                            streamed.body.len()
+                        )
+                    });
+                    // Compressed, the frame may still be in the encoder when the body is cut.
+                    if !placement.gzip {
+                        check.ensure(streamed.body == STREAM_FRAME, || {
+                            format!(
+                                "the client got {:?} before the cut, expected the one frame",
+                                String::from_utf8_lossy(&streamed.body)
+                            )
+                        });
+                    }
+                }
+                Err(error) => check.fail(error),
+            }
+            Expect::ShutdownDuringBody {
+                bytes: STREAM_FRAME.len() as u64,
+            }
+        }
+        Scenario::ShutdownCompletes => {
+            let route = path("/gated");
+            let completes = completes_in_grace(
+                http,
+                addr,
+                &route,
+                &agent,
+                &probe,
+                &mut reports.started,
+                &kit.shutdown,
+            );
+            match completes.await {
+                Ok(fetched) => {
+                    check.ensure(fetched.status == StatusCode::OK, || {
+                        format!("the client got {}, expected 200", fetched.status)
+                    });
+                    if placement.gzip {
+                        let encoding = fetched.headers.get(CONTENT_ENCODING);
+                        check.ensure(encoding.is_some_and(|e| e == "gzip"), || {
+                            format!("expected a gzip-compressed answer, got {encoding:?}")
+                        });
+                    }
+                }
+                Err(error) => check.fail(error),
+            }
+            check.ensure(
+                kit.shutdown.is_begun() && !kit.shutdown.is_grace_over(),
+                || format!("not within the grace: {:?}", kit.shutdown),
+            );
+            Expect::Completed(StatusCode::OK)
+        }
+        Scenario::ShutdownLeaves => {
+            let begin = || kit.shutdown.begin();
+            match leave(
+                http,
+                addr,
+                &path("/slow"),
+                &agent,
+                &mut reports.started,
+                1,
+                begin,
+            )
+            .await
+            {
+                Ok(kept) => connection = kept,
+                Err(error) => check.fail(error),
+            }
+            check.ensure(
+                kit.shutdown.is_begun() && !kit.shutdown.is_grace_over(),
+                || format!("not within the grace: {:?}", kit.shutdown),
+            );
+            Expect::Disconnected
+        }
     };
 
     // What the checks need, waited for; then the grace for a wrong extra record.
@@ -1583,6 +2150,33 @@ async fn run_case(
                 },
             );
         }
+    }
+    if matches!(
+        expect,
+        Expect::ShutdownBeforeHead | Expect::ShutdownDuringBody { .. }
+    ) {
+        // The server gave the work up: cancelled for its shutdown, never as a client that left.
+        for gone in &given {
+            let cancelled = timeout(SOON, gone.cancelled()).await;
+            check.ensure(
+                cancelled == Ok(Cancelled::ServerShutdown)
+                    && gone.reason() == Some(Cancelled::ServerShutdown)
+                    && !gone.is_gone(),
+                || {
+                    format!(
+                        "ClientGone after the grace: cancelled {cancelled:?}, reason {:?}, \
+                         is_gone {}, expected ServerShutdown and not gone",
+                        gone.reason(),
+                        gone.is_gone()
+                    )
+                },
+            );
+        }
+    }
+    if scenario == Scenario::ShutdownCompletes {
+        check.ensure(given.iter().all(|gone| gone.reason().is_none()), || {
+            format!("ClientGone cancelled for a request that completed: {signals:?}")
+        });
     }
     let fired = given.iter().filter(|gone| gone.is_gone()).count();
     if placement.disconnect {
@@ -1880,6 +2474,8 @@ async fn gateway_case(
         limit: LONG,
         outer: LONG,
         retries: 0,
+        body_idle: LONG,
+        shutdown: Shutdown::new(LONG),
     };
     let app = Router::new()
         .route("/gw", get(gateway))
@@ -2072,4 +2668,45 @@ async fn every_layer_with_a_hook_one_service_builder() {
 #[tokio::test]
 async fn every_layer_with_a_hook_layer_calls() {
     matrix(&[&ALL_LAYERS_LAYER_CALLS]).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 13: the shutdown layer outermost
+
+#[tokio::test]
+async fn shutdown_layer_one_service_builder() {
+    matrix(&[&SD_ONE_SERVICE_BUILDER]).await;
+}
+
+#[tokio::test]
+async fn shutdown_layer_layer_calls() {
+    matrix(&[&SD_LAYER_CALLS]).await;
+}
+
+#[tokio::test]
+async fn shutdown_layer_outside_a_nested_router() {
+    matrix(&[&SD_NESTED]).await;
+}
+
+#[tokio::test]
+async fn shutdown_layer_with_from_fn_between() {
+    matrix(&[&SD_FROM_FN_BETWEEN]).await;
+}
+
+#[tokio::test]
+async fn shutdown_layer_under_trace_and_compression() {
+    matrix(&[
+        &SD_UNDER_TRACE_COMPRESSION_ONE_SERVICE_BUILDER,
+        &SD_UNDER_TRACE_COMPRESSION_LAYER_CALLS,
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn shutdown_layer_with_every_layer_with_a_hook() {
+    matrix(&[
+        &SD_ALL_LAYERS_ONE_SERVICE_BUILDER,
+        &SD_ALL_LAYERS_LAYER_CALLS,
+    ])
+    .await;
 }

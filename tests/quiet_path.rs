@@ -4,7 +4,9 @@
 //! must be what it is on the recording path, in the compositions where layers are called
 //! lazily. Over real TCP on loopback, with both servers. The body limits too: a stalled upload
 //! answered 408, a stalled stream cut, and the handler's `ClientGone` cancelled as abandoned,
-//! never as a client that left.
+//! never as a client that left. A server's shutdown too: a request still running when the
+//! grace ends answered 503 (`Connection: close` on HTTP/1.1), the handler dropped, and its
+//! `ClientGone` cancelled for the server's shutdown.
 //!
 //! This file must configure no hook and set no subscriber: it is its own process for that.
 
@@ -31,7 +33,7 @@ use tower::ServiceBuilder;
 use tower_timeouts::signal::Cancelled;
 use tower_timeouts::{
     ClientDisconnectLayer, ClientGone, RequestBodyTimeoutLayer, ResponseBodyTimeoutLayer,
-    ResponseTimeoutLayer,
+    ResponseTimeoutLayer, Shutdown,
 };
 
 use common::{Live, SERVERS, SOON};
@@ -205,7 +207,10 @@ struct App {
     signals: Arc<Mutex<Vec<ClientGone>>>,
 }
 
-async fn app(server: common::Server, placement: Placement) -> App {
+async fn app(
+    server: common::Server,
+    placement: impl FnOnce(Router<Probe>) -> Router<Probe>,
+) -> App {
     let (started, started_rx) = mpsc::unbounded_channel();
     let (fired, fired_rx) = mpsc::unbounded_channel();
     let live = Live::new();
@@ -260,6 +265,11 @@ async fn stalled_upload(addr: std::net::SocketAddr, path: &str, case: &str) -> S
         format!("POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: 1048576\r\n\r\n");
     stream.write_all(head.as_bytes()).await.unwrap();
     stream.write_all(UPLOAD_SENT).await.unwrap();
+    read_to_close(&mut stream, case).await
+}
+
+/// What `stream` receives until the server closes it (within [`SOON`]).
+async fn read_to_close(stream: &mut TcpStream, case: &str) -> String {
     let mut received = Vec::new();
     let closed = timeout(SOON, async {
         let mut chunk = [0; 4096];
@@ -358,6 +368,106 @@ async fn a_stalled_stream_is_cut_and_its_signal_is_abandoned() {
                     .unwrap_or_else(|_| panic!("{case}: the stream not cut within {SOON:?}"));
                 assert_eq!(received, STREAM_FRAME, "{case}: the frame before the cut");
                 assert_abandoned(&mut app, &case).await;
+            }
+        }
+    }
+}
+
+type ShutdownPlacement = fn(&Shutdown, Router<Probe>) -> Router<Probe>;
+
+/// The shutdown layer outermost in one `ServiceBuilder`.
+fn shutdown_one_service_builder(shutdown: &Shutdown, routes: Router<Probe>) -> Router<Probe> {
+    routes.layer(
+        ServiceBuilder::new()
+            .layer(shutdown.layer())
+            .layer(ClientDisconnectLayer::new())
+            .layer(ResponseTimeoutLayer::new(LONG)),
+    )
+}
+
+/// Each layer in a `Router::layer` call of its own, axum's `from_fn` between the shutdown layer
+/// and the rest: the inner layers are called lazily, from the outer ones' polls.
+fn shutdown_from_fn_between(shutdown: &Shutdown, routes: Router<Probe>) -> Router<Probe> {
+    routes
+        .layer(ResponseTimeoutLayer::new(LONG))
+        .layer(ClientDisconnectLayer::new())
+        .layer(from_fn(pass))
+        .layer(shutdown.layer())
+}
+
+const SHUTDOWN_PLACEMENTS: [(&str, ShutdownPlacement); 2] = [
+    (
+        "shutdown layer in one ServiceBuilder",
+        shutdown_one_service_builder,
+    ),
+    ("shutdown layer, from_fn between", shutdown_from_fn_between),
+];
+
+#[tokio::test]
+async fn a_request_running_when_the_grace_ends_gets_503_and_close_and_its_signal_says_shutdown() {
+    assert!(!tracing::dispatcher::has_been_set());
+    for server in SERVERS {
+        for (name, placement) in SHUTDOWN_PLACEMENTS {
+            for http2 in [false, true] {
+                let case = format!("{name} on {server:?}, HTTP/2: {http2}");
+                let shutdown = Shutdown::new(LONG);
+                let mut app = app(server, |routes| placement(&shutdown, routes)).await;
+                if http2 {
+                    let mut send = common::h2(app.addr).await;
+                    let response = send.send_request(common::get(app.addr, "/slow"));
+                    let mut response = Box::pin(response);
+                    tokio::select! {
+                        _ = &mut response => panic!("{case}: answered before the grace ended"),
+                        started = timeout(SOON, app.started.recv()) => {
+                            started.unwrap_or_else(|_| panic!("{case}: the handler did not start"));
+                        }
+                    }
+                    shutdown.end_grace();
+                    let response = timeout(SOON, response)
+                        .await
+                        .unwrap_or_else(|_| panic!("{case}: no answer"))
+                        .unwrap_or_else(|error| panic!("{case}: {error}"));
+                    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE, "{case}");
+                } else {
+                    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+                    stream
+                        .write_all(b"GET /slow HTTP/1.1\r\nhost: localhost\r\n\r\n")
+                        .await
+                        .unwrap();
+                    timeout(SOON, app.started.recv())
+                        .await
+                        .unwrap_or_else(|_| panic!("{case}: the handler did not start"));
+                    shutdown.end_grace();
+                    // Read until the server closes the connection, as it must after the 503.
+                    let answer = read_to_close(&mut stream, &case).await;
+                    let (head, _) = answer
+                        .split_once("\r\n\r\n")
+                        .unwrap_or_else(|| panic!("{case}: an incomplete answer {answer:?}"));
+                    let mut lines = head.split("\r\n");
+                    let status_line = lines.next().unwrap_or_default();
+                    assert!(
+                        status_line.starts_with("HTTP/1.1 503 "),
+                        "{case}: expected 503, got {head:?}"
+                    );
+                    assert!(
+                        lines.any(|line| line.eq_ignore_ascii_case("connection: close")),
+                        "{case}: expected `connection: close`, got {head:?}"
+                    );
+                }
+                // The handler is dropped; its signal says why, and never that the client left.
+                assert_no_signal(&mut app, &case).await;
+                let signals = app.signals.lock().unwrap().clone();
+                assert_eq!(signals.len(), 1, "{case}: the handler took one signal");
+                for gone in signals {
+                    let cancelled = timeout(SOON, gone.cancelled()).await;
+                    assert_eq!(
+                        cancelled,
+                        Ok(Cancelled::ServerShutdown),
+                        "{case}: cancelled"
+                    );
+                    assert_eq!(gone.reason(), Some(Cancelled::ServerShutdown), "{case}");
+                    assert!(!gone.is_gone(), "{case}: the client did not leave");
+                }
             }
         }
     }
