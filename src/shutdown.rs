@@ -430,6 +430,8 @@ pin_project! {
         #[pin]
         over: Option<WaitForCancellationFutureOwned>,
         shutdown: Shutdown,
+        // Whether the response came before the grace ran out.
+        under_way: bool,
         status: StatusCode,
         bytes: u64,
         exchange: Option<Arc<Exchange>>,
@@ -449,6 +451,7 @@ impl<B> ShutdownBody<B> {
             ending: Ending {
                 inner: Some(inner),
                 over: None,
+                under_way: !shutdown.is_grace_over(),
                 shutdown,
                 status,
                 bytes: 0,
@@ -491,12 +494,9 @@ where
         let polled = inner.poll_frame(cx);
         let over = match &polled {
             _ if generated => false,
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    *this.bytes += data.remaining() as u64;
-                }
-                this.shutdown.is_grace_over()
-            }
+            // A frame that keeps a stream flowing past the grace ends it, unless the response
+            // came after the grace (a server not draining): it goes out whole.
+            Poll::Ready(Some(Ok(_))) => *this.under_way && this.shutdown.is_grace_over(),
             Poll::Ready(_) => false,
             Poll::Pending => {
                 if this.over.is_none() {
@@ -509,9 +509,14 @@ where
             }
         };
         if !over {
+            if let Poll::Ready(Some(Ok(frame))) = &polled {
+                if let Some(data) = frame.data_ref() {
+                    *this.bytes += data.remaining() as u64;
+                }
+            }
             return polled.map(|frame| frame.map(|frame| frame.map_err(Into::into)));
         }
-        // The grace is over: the rest of the body is not sent.
+        // The grace is over: the rest of the body is not sent, this frame included.
         dropping_in(Extent::ShutDown, || {
             drop(polled);
             this.inner.set(None);
@@ -769,6 +774,21 @@ mod tests {
             outcomes.one(),
             Outcome::server_shutdown(Phase::DuringBody, Some(StatusCode::OK), 4)
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_that_comes_after_the_grace_goes_out_whole() {
+        // A server that is not draining still takes requests: one answered at once is not cut.
+        let shutdown = Shutdown::new(GRACE);
+        shutdown.end_grace();
+        let service = shutdown.layer().layer(service_fn(|_: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(http_body_util::Full::new(
+                Bytes::from_static(b"whole"),
+            )))
+        }));
+        let response = service.oneshot(Request::new(())).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "whole");
     }
 
     #[tokio::test(start_paused = true)]
