@@ -777,6 +777,44 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn detached_work_runs_on_past_the_503_learns_why_and_drains_under_its_own_cap() {
+        let shutdown = Shutdown::new(GRACE);
+        let detach = crate::DetachLayer::new(Duration::from_secs(60));
+        let tracker = detach.tracker();
+        let gone: Arc<Mutex<Option<ClientGone>>> = Arc::default();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let service = ServiceBuilder::new()
+            .layer(shutdown.layer())
+            .layer(ClientDisconnectLayer::new())
+            .layer(detach)
+            .service(service_fn({
+                let gone = Arc::clone(&gone);
+                let done = Arc::clone(&done);
+                move |_: Request<()>| {
+                    *gone.lock().unwrap() = ClientGone::current();
+                    let done = Arc::clone(&done);
+                    async move {
+                        tokio::time::sleep(GRACE * 2).await;
+                        done.store(true, std::sync::atomic::Ordering::SeqCst);
+                        Ok::<_, Infallible>(Response::new("committed".to_owned()))
+                    }
+                }
+            }));
+        let call = tokio::spawn(service.oneshot(Request::new(())));
+        tokio::task::yield_now().await;
+        shutdown.begin();
+        let response = call.await.unwrap().unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let gone = gone.lock().unwrap().take().unwrap();
+        assert_eq!(gone.reason(), Some(Cancelled::ServerShutdown));
+        // The server is done; the detached work drains after it, under a cap of its own.
+        tracker.close();
+        let drained = tokio::time::timeout(GRACE * 2, tracker.wait()).await;
+        assert!(drained.is_ok());
+        assert!(done.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_response_that_comes_after_the_grace_goes_out_whole() {
         // A server that is not draining still takes requests: one answered at once is not cut.
         let shutdown = Shutdown::new(GRACE);
