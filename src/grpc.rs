@@ -280,6 +280,14 @@ pub(crate) fn encode_message(message: &str) -> HeaderValue {
     HeaderValue::from_str(&out).expect("printable ASCII is a valid header value")
 }
 
+/// The trailers that end a gRPC stream with `code` and `message`.
+pub(crate) fn trailers(code: GrpcCode, message: &str) -> HeaderMap {
+    let mut trailers = HeaderMap::with_capacity(2);
+    trailers.insert(GRPC_STATUS, code.header_value());
+    trailers.insert(GRPC_MESSAGE, encode_message(message));
+    trailers
+}
+
 /// The message of a generated response's `grpc-message`: short, and nothing internal.
 pub(crate) fn message(outcome: &Outcome) -> String {
     match outcome {

@@ -561,12 +561,7 @@ where
         };
         // The error goes no further: the stream ends with the status instead.
         this.kind.set(Kind::Generated { data: None });
-        let mut trailers = http::HeaderMap::with_capacity(2);
-        trailers.insert(crate::grpc::GRPC_STATUS, ending.code.header_value());
-        trailers.insert(
-            crate::grpc::GRPC_MESSAGE,
-            crate::grpc::encode_message(ending.message),
-        );
+        let trailers = crate::grpc::trailers(ending.code, ending.message);
         Poll::Ready(Some(Ok(Frame::trailers(trailers))))
     }
 
@@ -592,6 +587,29 @@ where
 
     fn grpc_ending(&self) -> Option<GrpcCode> {
         self.ending.as_ref().map(|ending| ending.code)
+    }
+}
+
+/// Ends a response body after its head, on a layer's own decision (a body limit, a shutdown):
+/// records `outcome` through the request's `exchange`, with `code` as its gRPC status, and makes
+/// the frame that ends the stream: for gRPC, trailers with `code`, which a client reads as the
+/// call's status; else `error`, on which hyper resets an HTTP/2 stream (with the reason of an
+/// `h2::Error` in its source) or closes an HTTP/1 connection.
+pub(crate) fn end_stream<D>(
+    exchange: Option<&crate::record::Exchange>,
+    grpc: bool,
+    code: GrpcCode,
+    outcome: Outcome,
+    error: impl std::error::Error + Send + Sync + 'static,
+) -> Result<Frame<D>, Box<dyn std::error::Error + Send + Sync>> {
+    let trailers = grpc.then(|| crate::grpc::trailers(code, &crate::grpc::message(&outcome)));
+    if let Some(exchange) = exchange {
+        exchange.set_grpc_status(code);
+        exchange.step(|stage| stage.end(outcome));
+    }
+    match trailers {
+        Some(trailers) => Ok(Frame::trailers(trailers)),
+        None => Err(Box::new(error)),
     }
 }
 

@@ -85,7 +85,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http::header::{HeaderValue, CONNECTION};
-use http::{HeaderMap, Request, Response, StatusCode, Version};
+use http::{Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
@@ -93,13 +93,13 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::grpc::{self, GrpcCode};
+use crate::grpc::GrpcCode;
 use crate::outcome::{Outcome, Phase};
 use crate::record::{
     dropping_in, nothing_can_see, poll_followed, Exchange, Extent, Followed, Guarded, Joining,
     Recorder, Role, Tail,
 };
-use crate::response::{ResponseBody, ResponseConfig};
+use crate::response::{end_stream, ResponseBody, ResponseConfig};
 
 type BoxError = Box<dyn Error + Send + Sync>;
 
@@ -522,21 +522,13 @@ where
             this.inner.set(None);
         });
         let outcome = Outcome::server_shutdown(Phase::DuringBody, Some(*this.status), *this.bytes);
-        if let Some(exchange) = this.exchange.take() {
-            exchange.set_grpc_status(GrpcCode::UNAVAILABLE);
-            exchange.step(|stage| stage.end(outcome.clone()));
-        }
-        Poll::Ready(Some(if *this.grpc {
-            let mut trailers = HeaderMap::with_capacity(2);
-            trailers.insert(grpc::GRPC_STATUS, GrpcCode::UNAVAILABLE.header_value());
-            trailers.insert(
-                grpc::GRPC_MESSAGE,
-                grpc::encode_message(&grpc::message(&outcome)),
-            );
-            Ok(Frame::trailers(trailers))
-        } else {
-            Err(ShutdownError::new().into())
-        }))
+        Poll::Ready(Some(end_stream(
+            this.exchange.take().as_deref(),
+            *this.grpc,
+            GrpcCode::UNAVAILABLE,
+            outcome,
+            ShutdownError::new(),
+        )))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -843,6 +835,6 @@ mod tests {
         shutdown.end_grace();
         let response = service.oneshot(request).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
-        assert_eq!(response.headers()[grpc::GRPC_STATUS], "14");
+        assert_eq!(response.headers()[crate::grpc::GRPC_STATUS], "14");
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Buf;
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
@@ -21,6 +21,7 @@ use crate::record::{
     abandoning, nothing_can_see, poll_followed, Exchange, Followed, Guarded, Joining, Recorder,
     Role, Tail,
 };
+use crate::response::end_stream;
 use crate::signal::ClientGone;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -265,30 +266,17 @@ where
             this.inner.set(None);
         });
         let ends = std::mem::take(this.ends);
-        let outcome = Outcome::response_body_timeout(error.limit(), *this.status, *this.bytes);
-        let trailers = ends.grpc.then(|| {
-            let mut trailers = HeaderMap::with_capacity(2);
-            trailers.insert(
-                grpc::GRPC_STATUS,
-                GrpcCode::DEADLINE_EXCEEDED.header_value(),
-            );
-            trailers.insert(
-                grpc::GRPC_MESSAGE,
-                grpc::encode_message(&grpc::message(&outcome)),
-            );
-            trailers
-        });
-        if let Some(exchange) = &ends.exchange {
-            exchange.set_grpc_status(GrpcCode::DEADLINE_EXCEEDED);
-            exchange.step(|stage| stage.end(outcome));
-        }
         if let Some(gone) = &ends.gone {
             gone.abandon();
         }
-        Poll::Ready(Some(match trailers {
-            Some(trailers) => Ok(Frame::trailers(trailers)),
-            None => Err(error.into()),
-        }))
+        let outcome = Outcome::response_body_timeout(error.limit(), *this.status, *this.bytes);
+        Poll::Ready(Some(end_stream(
+            ends.exchange.as_deref(),
+            ends.grpc,
+            GrpcCode::DEADLINE_EXCEEDED,
+            outcome,
+            error,
+        )))
     }
 
     fn is_end_stream(&self) -> bool {
