@@ -141,7 +141,11 @@ impl Shutdown {
     }
 
     /// Begins the shutdown (again: nothing): [`begun`](Self::begun) resolves, and the grace
-    /// starts. Call it within a Tokio runtime: the grace is one timer task.
+    /// starts.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime: the grace is one timer task, spawned here.
     pub fn begin(&self) {
         let inner = &self.inner;
         if inner.began_at.set(Instant::now()).is_err() {

@@ -56,7 +56,9 @@
 //! body is dropped early in the *ServerDropped* extent. A timeout of the crate, inside or
 //! outside it, abandons what it wraps, so a timeout never fires the signal, in any placement.
 //! Dropped early in the *Abandoned* extent, or answered by a generated response, it cancels the
-//! signal with [`Cancelled::Abandoned`](crate::signal::Cancelled::Abandoned) instead, which only
+//! signal with [`Cancelled::Abandoned`](crate::signal::Cancelled::Abandoned) instead (in the
+//! *ShutDown* extent, or answered by a shutdown's 503, with
+//! [`Cancelled::ServerShutdown`](crate::signal::Cancelled::ServerShutdown)), which only
 //! [`ClientGone::cancelled`](crate::ClientGone::cancelled) reports.
 //!
 //! The extents are a thread-local, and that is exact: a drop runs to its end on the thread
