@@ -29,7 +29,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use prost::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::{timeout, Instant};
@@ -45,7 +45,7 @@ use tower_timeouts::{
     ResponseBodyTimeoutLayer, ResponseTimeoutLayer,
 };
 
-use common::{Live, SERVERS, SOON};
+use common::{read_head, read_to_eof, read_until, Live, RawHead, SERVERS, SOON};
 use probe::probe_client::ProbeClient;
 use probe::probe_server::{Probe, ProbeServer};
 use probe::{CallReply, CallRequest};
@@ -497,81 +497,6 @@ async fn paced_upload(addr: SocketAddr) -> (RawHead, Vec<u8>) {
 }
 
 /// A response head read off a raw HTTP/1.1 connection, and what came after it.
-#[derive(Debug)]
-struct RawHead {
-    status_line: String,
-    headers: Vec<(String, String)>,
-    after: Vec<u8>,
-}
-
-impl RawHead {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.as_str())
-    }
-}
-
-/// Reads a response head (panics on EOF, or after [`SOON`]).
-async fn read_head(stream: &mut TcpStream) -> RawHead {
-    let mut seen = Vec::new();
-    let end = timeout(SOON, async {
-        let mut buf = [0; 4096];
-        loop {
-            if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                return end;
-            }
-            let n = stream.read(&mut buf).await.expect("reading the head");
-            assert!(
-                n > 0,
-                "EOF before a head: {:?}",
-                String::from_utf8_lossy(&seen)
-            );
-            seen.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await
-    .expect("a response head in time");
-    let head = String::from_utf8(seen[..end].to_vec()).unwrap();
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap().to_owned();
-    let headers = lines
-        .map(|line| {
-            let (name, value) = line.split_once(':').unwrap();
-            (name.trim().to_owned(), value.trim().to_owned())
-        })
-        .collect();
-    RawHead {
-        status_line,
-        headers,
-        after: seen[end + 4..].to_vec(),
-    }
-}
-
-/// Reads until `seen` holds `needle` (panics on EOF, or after [`SOON`]).
-async fn read_until(stream: &mut TcpStream, seen: &mut Vec<u8>, needle: &[u8]) {
-    timeout(SOON, async {
-        let mut buf = [0; 4096];
-        while !seen.windows(needle.len()).any(|w| w == needle) {
-            let n = stream.read(&mut buf).await.expect("reading");
-            assert!(n > 0, "EOF before {:?}", String::from_utf8_lossy(needle));
-            seen.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no {:?} in time", String::from_utf8_lossy(needle)));
-}
-
-/// Reads until the server closes the connection: an orderly EOF, not a reset (panics after
-/// [`SOON`]).
-async fn read_to_eof(stream: &mut TcpStream, seen: &mut Vec<u8>) {
-    timeout(SOON, stream.read_to_end(seen))
-        .await
-        .expect("the server closes the connection")
-        .expect("an orderly close (FIN), not a reset");
-}
-
 /// Reads the 408 that a stalled upload gets, and the close after it; returns the time from
 /// `since` to the head.
 async fn expect_408_and_close(stream: &mut TcpStream, since: Instant) -> Duration {

@@ -33,7 +33,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
@@ -49,7 +49,7 @@ use tower_timeouts::{
     Shutdown, ShutdownLayer,
 };
 
-use common::{Server, SERVERS, SOON};
+use common::{read_head, read_to_eof, read_until, RawHead, Server, SERVERS, SOON};
 use probe::probe_client::ProbeClient;
 use probe::probe_server::{Probe, ProbeServer};
 use probe::{CallReply, CallRequest};
@@ -377,85 +377,6 @@ async fn send_get(addr: SocketAddr, path: &str) -> TcpStream {
 }
 
 /// A response head read off a raw HTTP/1.1 connection, and what came after it.
-#[derive(Debug)]
-struct RawHead {
-    status_line: String,
-    headers: Vec<(String, String)>,
-    after: Vec<u8>,
-    /// When the head had arrived.
-    at: Instant,
-}
-
-impl RawHead {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.as_str())
-    }
-}
-
-/// Reads a response head (panics on EOF, or after [`SOON`]).
-async fn read_head(stream: &mut TcpStream) -> RawHead {
-    let mut seen = Vec::new();
-    let end = timeout(SOON, async {
-        let mut buf = [0; 4096];
-        loop {
-            if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                return end;
-            }
-            let n = stream.read(&mut buf).await.expect("reading the head");
-            assert!(
-                n > 0,
-                "EOF before a head: {:?}",
-                String::from_utf8_lossy(&seen)
-            );
-            seen.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await
-    .expect("a response head in time");
-    let at = Instant::now();
-    let head = String::from_utf8(seen[..end].to_vec()).unwrap();
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap().to_owned();
-    let headers = lines
-        .map(|line| {
-            let (name, value) = line.split_once(':').unwrap();
-            (name.trim().to_owned(), value.trim().to_owned())
-        })
-        .collect();
-    RawHead {
-        status_line,
-        headers,
-        after: seen[end + 4..].to_vec(),
-        at,
-    }
-}
-
-/// Reads until `seen` holds `needle` (panics on EOF, or after [`SOON`]).
-async fn read_until(stream: &mut TcpStream, seen: &mut Vec<u8>, needle: &[u8]) {
-    timeout(SOON, async {
-        let mut buf = [0; 4096];
-        while !seen.windows(needle.len()).any(|w| w == needle) {
-            let n = stream.read(&mut buf).await.expect("reading");
-            assert!(n > 0, "EOF before {:?}", String::from_utf8_lossy(needle));
-            seen.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no {:?} in time", String::from_utf8_lossy(needle)));
-}
-
-/// Reads until the server closes the connection: an orderly EOF, not a reset (panics after
-/// [`SOON`]).
-async fn read_to_eof(stream: &mut TcpStream, seen: &mut Vec<u8>) {
-    timeout(SOON, stream.read_to_end(seen))
-        .await
-        .expect("the server closes the connection")
-        .expect("an orderly close (FIN), not a reset");
-}
-
 /// Reads a whole response whose connection the server closes after it.
 async fn read_response_and_close(mut stream: TcpStream) -> (RawHead, Vec<u8>) {
     let head = read_head(&mut stream).await;

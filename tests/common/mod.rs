@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Notify;
 use tower_timeouts::{Outcome, Report};
@@ -422,4 +423,86 @@ pub fn refusing() -> (SocketAddr, TcpSocket) {
     let socket = TcpSocket::new_v4().unwrap();
     socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
     (socket.local_addr().unwrap(), socket)
+}
+
+/// A response head read off a raw socket, and what came after it.
+#[derive(Debug)]
+pub struct RawHead {
+    pub status_line: String,
+    pub headers: Vec<(String, String)>,
+    /// What was read past the head.
+    pub after: Vec<u8>,
+    /// When the head had arrived.
+    pub at: tokio::time::Instant,
+}
+
+impl RawHead {
+    /// The value of header `name`, case-insensitively.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// Reads a response head (panics on EOF, or after [`SOON`]).
+pub async fn read_head(stream: &mut TcpStream) -> RawHead {
+    let mut seen = Vec::new();
+    let end = tokio::time::timeout(SOON, async {
+        let mut buf = [0; 4096];
+        loop {
+            if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                return end;
+            }
+            let n = stream.read(&mut buf).await.expect("reading the head");
+            assert!(
+                n > 0,
+                "EOF before a head: {:?}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("a response head in time");
+    let at = tokio::time::Instant::now();
+    let head = String::from_utf8(seen[..end].to_vec()).unwrap();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap().to_owned();
+    let headers = lines
+        .map(|line| {
+            let (name, value) = line.split_once(':').unwrap();
+            (name.trim().to_owned(), value.trim().to_owned())
+        })
+        .collect();
+    RawHead {
+        status_line,
+        headers,
+        after: seen[end + 4..].to_vec(),
+        at,
+    }
+}
+
+/// Reads until `seen` holds `needle` (panics on EOF, or after [`SOON`]).
+pub async fn read_until(stream: &mut TcpStream, seen: &mut Vec<u8>, needle: &[u8]) {
+    tokio::time::timeout(SOON, async {
+        let mut buf = [0; 4096];
+        while !seen.windows(needle.len()).any(|w| w == needle) {
+            let n = stream.read(&mut buf).await.expect("reading");
+            assert!(n > 0, "EOF before {:?}", String::from_utf8_lossy(needle));
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {:?} in time", String::from_utf8_lossy(needle)));
+}
+
+/// Reads until the server closes the connection: an orderly EOF, not a reset (panics after
+/// [`SOON`]).
+pub async fn read_to_eof(stream: &mut TcpStream, seen: &mut Vec<u8>) {
+    tokio::time::timeout(SOON, stream.read_to_end(seen))
+        .await
+        .expect("the server closes the connection")
+        .expect("an orderly close (FIN), not a reset");
 }
