@@ -80,6 +80,8 @@ pub mod signal;
 mod timer;
 pub mod trace;
 pub mod upstream;
+#[cfg(unix)]
+pub mod watch;
 
 #[cfg(test)]
 mod test_support;

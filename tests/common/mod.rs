@@ -114,7 +114,10 @@ pub fn full(text: &'static str) -> Full<Bytes> {
     Full::new(Bytes::from_static(text.as_bytes()))
 }
 
-type Reports = (Mutex<Vec<(Outcome, Duration)>>, Notify);
+/// What the hook was told: the outcome, its elapsed time, and when.
+type Told = (Outcome, Duration, tokio::time::Instant);
+
+type Reports = (Mutex<Vec<Told>>, Notify);
 
 /// Collects what the `on_outcome` hook is told.
 #[derive(Clone, Default)]
@@ -131,11 +134,11 @@ impl Outcomes {
     pub fn hook(&self) -> impl Fn(&Report<'_>) + Send + Sync + Clone + 'static {
         let inner = self.inner.clone();
         move |report: &Report<'_>| {
-            inner
-                .0
-                .lock()
-                .unwrap()
-                .push((report.outcome().clone(), report.elapsed()));
+            inner.0.lock().unwrap().push((
+                report.outcome().clone(),
+                report.elapsed(),
+                tokio::time::Instant::now(),
+            ));
             inner.1.notify_waiters();
         }
     }
@@ -146,12 +149,20 @@ impl Outcomes {
             .lock()
             .unwrap()
             .iter()
-            .map(|(o, _)| o.clone())
+            .map(|(o, _, _)| o.clone())
             .collect()
     }
 
     pub fn with_elapsed(&self) -> Vec<(Outcome, Duration)> {
-        self.inner.0.lock().unwrap().clone()
+        let told = self.inner.0.lock().unwrap();
+        told.iter().map(|(o, e, _)| (o.clone(), *e)).collect()
+    }
+
+    /// The `n`th outcome (from 1), and when the hook was told (panics after [`SOON`]).
+    pub async fn nth(&self, n: usize) -> (Outcome, tokio::time::Instant) {
+        self.wait_for(n).await;
+        let told = &self.inner.0.lock().unwrap()[n - 1];
+        (told.0.clone(), told.2)
     }
 
     /// Waits until at least `n` outcomes were recorded (panics after [`SOON`]).
