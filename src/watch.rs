@@ -39,8 +39,10 @@
 //! (or, during the body, the status sent), fires [`ClientGone`](crate::ClientGone), and the
 //! handler is dropped, with no layer or handler of yours knowing about the watcher.
 //!
-//! While hyper reads the connection itself (between requests, or while the handler reads the
-//! body), the watcher stands aside, and hyper's own rules apply (its `half_close` included).
+//! While hyper waits to read the connection itself (between requests, or while the handler
+//! reads the body), the watcher stands aside. A close that hyper reads between requests, right
+//! after an answer, is hyper's to end the connection cleanly; one it reads while a request is in
+//! flight is still a departure, since hyper then only notes it and waits on for the handler.
 //!
 //! [`ClientDisconnectLayer`]: crate::ClientDisconnectLayer
 //!
@@ -50,7 +52,8 @@
 //! By default that FIN counts as leaving, as it does for nginx (which logs a 499) and for
 //! hyper's default `half_close(false)`. With [`Watched::half_close`] (or
 //! [`WatchedListener::half_close`]), only a reset counts; a client that half-closed and then
-//! goes away is seen at the next write, as with hyper's `half_close(true)`.
+//! goes away is seen at the next write, as with hyper's `half_close(true)`. A server that sets
+//! hyper's `half_close(true)` sets this too.
 //!
 //! # Using it
 //!
@@ -121,8 +124,14 @@ pub struct Watched<IO> {
     // and will see a close itself. hyper reads, if it wants to, before it flushes on every turn
     // of its connection.
     read_waits: bool,
-    // A read returned the end of the stream (or failed): its reader knows.
-    read_ended: bool,
+    // Something was written since the last bytes were read: an answer went out after the last
+    // request.
+    wrote: bool,
+    // The reader saw the stream end (or fail) right after an answer, a close between requests:
+    // it ends the connection itself. An end seen while a request is in flight (its bytes the
+    // last thing read) is not enough: hyper, reading a body the handler has not asked for, or
+    // looking for a close, notes it and waits on for the handler.
+    reader_ends: bool,
     // The peer was seen leaving.
     left: bool,
 }
@@ -150,7 +159,8 @@ impl<IO: AsFd> Watched<IO> {
             watch,
             half_close: false,
             read_waits: false,
-            read_ended: false,
+            wrote: false,
+            reader_ends: false,
             left: false,
         }
     }
@@ -185,7 +195,7 @@ impl<IO> Watched<IO> {
         if self.left {
             return true;
         }
-        if std::mem::take(&mut self.read_waits) || self.read_ended {
+        if std::mem::take(&mut self.read_waits) || self.reader_ends {
             return false;
         }
         let Some(watch) = &self.watch else {
@@ -254,11 +264,13 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
         match &polled {
             Poll::Pending => this.read_waits = true,
-            Poll::Ready(Ok(())) if room > 0 && buf.filled().len() == before => {
-                this.read_ended = true;
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                this.read_waits = false;
+                this.wrote = false;
             }
-            Poll::Ready(Ok(())) => this.read_waits = false,
-            Poll::Ready(Err(_)) => this.read_ended = true,
+            Poll::Ready(Ok(())) if room == 0 => {}
+            // The end of the stream, or an error (a reset).
+            Poll::Ready(_) => this.reader_ends |= this.wrote,
         }
         polled
     }
@@ -274,7 +286,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
         if this.left {
             return Poll::Ready(Err(ClientLeft::error()));
         }
-        Pin::new(&mut this.io).poll_write(cx, buf)
+        let written = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.wrote |= matches!(written, Poll::Ready(Ok(1..)));
+        written
     }
 
     fn poll_write_vectored(
@@ -286,7 +300,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
         if this.left {
             return Poll::Ready(Err(ClientLeft::error()));
         }
-        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.wrote |= matches!(written, Poll::Ready(Ok(1..)));
+        written
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -3,10 +3,9 @@
 //! caused, no handler future outlives its request, and no task is left behind.
 mod common;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -16,14 +15,13 @@ use axum::Router;
 use http::{Request, StatusCode};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tower::ServiceBuilder;
 use tower_timeouts::response::PROXY_STATUS;
 use tower_timeouts::{ClientDisconnectLayer, Deadline, Outcome, Phase, ResponseTimeoutLayer};
 
-use common::{Live, Outcomes, Server, SOON};
+use common::{Live, Outcomes, Server, Started, SOON};
 
 /// The response timeout of the stack.
 const LIMIT: Duration = Duration::from_millis(100);
@@ -51,25 +49,6 @@ fn kind_of(request: usize) -> Kind {
         3 => Kind::Slow,
         7 => Kind::Disconnect,
         _ => Kind::Fast,
-    }
-}
-
-/// The handler of `/hang?id=N` reports here that it started, so the client leaves only then.
-#[derive(Clone, Default)]
-struct Started(Arc<Mutex<HashMap<usize, oneshot::Sender<()>>>>);
-
-impl Started {
-    fn expect(&self, id: usize) -> oneshot::Receiver<()> {
-        let (send, receive) = oneshot::channel();
-        self.0.lock().unwrap().insert(id, send);
-        receive
-    }
-
-    fn report(&self, id: usize) {
-        let send = self.0.lock().unwrap().remove(&id);
-        if let Some(send) = send {
-            let _ = send.send(());
-        }
     }
 }
 
@@ -179,13 +158,6 @@ fn path(kind: Kind, id: usize) -> String {
     }
 }
 
-async fn started_or_panic(started: oneshot::Receiver<()>, id: usize) {
-    tokio::time::timeout(SOON, started)
-        .await
-        .unwrap_or_else(|_| panic!("the handler of request {id} did not start"))
-        .unwrap();
-}
-
 /// An HTTP/1.1 connection: fast and slow requests one after another on it; an abandoned
 /// request on a raw socket of its own, closed once the handler has started.
 async fn h1_client(
@@ -203,7 +175,7 @@ async fn h1_client(
             socket.set_nodelay(true).unwrap();
             let head = format!("GET {} HTTP/1.1\r\nHost: {addr}\r\n\r\n", path(kind, id));
             socket.write_all(head.as_bytes()).await.unwrap();
-            started_or_panic(started, id).await;
+            common::started_or_panic(started, id).await;
             drop(socket);
             tally.disconnected.fetch_add(1, Ordering::SeqCst);
             continue;

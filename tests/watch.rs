@@ -740,3 +740,244 @@ async fn a_close_between_requests_ends_the_connection_cleanly() {
     }
     assert_eq!(harness.handles.records.all().len(), 2);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Accounting.
+
+/// Requests in the accounting run.
+const TOTAL: usize = 10_000;
+/// Client tasks in the accounting run: the bound on concurrency.
+const CLIENTS: usize = 40;
+/// The accounting run ends well within this, even on a loaded machine.
+const LOAD_BOUND: Duration = Duration::from_secs(120);
+
+/// What a client does, and how many requests it makes doing it.
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    /// A GET on the client's keep-alive connection: completed.
+    Fast,
+    /// Two GETs pipelined in one write on the keep-alive connection: both completed.
+    Pipelined,
+    /// A POST whose body is not read, on a connection of its own, answered at once; the client
+    /// reads the answer and closes: completed.
+    UnreadAnswered,
+    /// A request whose body the handler never reads (complete, partial, chunked or awaiting
+    /// `100 Continue`), on a connection of its own, left once the handler started, by FIN or
+    /// RST: a 499 before the head.
+    UnreadLeft(usize, Leave),
+    /// An idle stream, left after its first event: a departure during the body.
+    StreamLeft,
+}
+
+impl Op {
+    fn of(n: usize) -> Op {
+        match n % 10 {
+            0..=2 => Op::Fast,
+            3 => Op::Pipelined,
+            4 => Op::UnreadAnswered,
+            5 => Op::UnreadLeft(n / 10 % 5, Leave::Fin),
+            6 => Op::UnreadLeft(n / 10 % 5, Leave::Rst),
+            7 => Op::StreamLeft,
+            8 => Op::UnreadLeft((n / 10 + 2) % 5, Leave::Fin),
+            _ => Op::Fast,
+        }
+    }
+
+    fn requests(self) -> usize {
+        match self {
+            Op::Pipelined => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Ten thousand requests over watched connections, mixing every departure the watcher sees
+/// with every case it must not take for one: each request ends with exactly one outcome, of
+/// the kind the client caused, and no handler outlives its request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_outcome_per_request_over_watched_connections() {
+    let outcomes = Outcomes::new();
+    let live = Live::new();
+    let started = common::Started::default();
+    let app = accounting_app(&outcomes, &live, &started);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = Addr::Tcp(listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        axum::serve(WatchedListener::new(listener), app)
+            .await
+            .unwrap()
+    });
+
+    // Whole ops, dealt out to the clients, up to TOTAL requests.
+    let mut ops = Vec::new();
+    let mut requests = 0;
+    while requests < TOTAL {
+        let op = Op::of(ops.len());
+        requests += op.requests();
+        ops.push((ops.len(), op));
+    }
+    let expected_completed: usize = ops
+        .iter()
+        .filter(|(_, op)| matches!(op, Op::Fast | Op::Pipelined | Op::UnreadAnswered))
+        .map(|(_, op)| op.requests())
+        .sum();
+    let expected_left_before = ops
+        .iter()
+        .filter(|(_, op)| matches!(op, Op::UnreadLeft(..)))
+        .count();
+    let expected_left_during = ops
+        .iter()
+        .filter(|(_, op)| matches!(op, Op::StreamLeft))
+        .count();
+
+    let began = Instant::now();
+    let mut clients = tokio::task::JoinSet::new();
+    for client in 0..CLIENTS {
+        let mine: Vec<_> = ops.iter().copied().skip(client).step_by(CLIENTS).collect();
+        let (addr, started) = (addr.clone(), started.clone());
+        clients.spawn(async move {
+            let mut keep_alive = Client::connect(&addr).await;
+            for (id, op) in mine {
+                accounting_op(&addr, &mut keep_alive, &started, id, op).await;
+            }
+        });
+    }
+    tokio::time::timeout(LOAD_BOUND, async {
+        while let Some(result) = clients.join_next().await {
+            result.unwrap();
+        }
+    })
+    .await
+    .expect("the accounting run ends within its bound");
+    let outcomes_all = outcomes.wait_for(requests).await;
+    live.wait_zero().await;
+    eprintln!(
+        "{requests} requests over watched connections in {:?}",
+        began.elapsed()
+    );
+
+    let completed = outcomes_all
+        .iter()
+        .filter(|o| matches!(o, Outcome::Completed { status, .. } if *status == StatusCode::OK))
+        .count();
+    let left_before = outcomes_all
+        .iter()
+        .filter(|o| {
+            matches!(
+                o,
+                Outcome::ClientDisconnected {
+                    phase: Phase::BeforeHead,
+                    ..
+                }
+            )
+        })
+        .count();
+    let left_during = outcomes_all
+        .iter()
+        .filter(|o| {
+            matches!(
+                o,
+                Outcome::ClientDisconnected {
+                    phase: Phase::DuringBody,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(
+        (completed, left_before, left_during, outcomes_all.len()),
+        (
+            expected_completed,
+            expected_left_before,
+            expected_left_during,
+            requests
+        ),
+        "(completed, 499 before the head, left during the body, all)"
+    );
+}
+
+fn accounting_app(outcomes: &Outcomes, live: &Live, started: &common::Started) -> Router {
+    use axum::extract::RawQuery;
+    let id_of = |query: Option<String>| -> usize {
+        let id = query.as_deref().and_then(|query| query.strip_prefix("id="));
+        id.and_then(|id| id.parse().ok()).expect("?id=N")
+    };
+    let (hold_live, stream_live) = (live.clone(), live.clone());
+    let (hold_started, stream_started) = (started.clone(), started.clone());
+    Router::new()
+        .route("/fast", get(fast).post(fast))
+        .route(
+            "/hold",
+            get(|| async { "unused" }).post(move |RawQuery(query): RawQuery| {
+                let (id, live, started) = (id_of(query), hold_live.enter(), hold_started.clone());
+                async move {
+                    let _live = live;
+                    started.report(id);
+                    std::future::pending::<&'static str>().await
+                }
+            }),
+        )
+        .route(
+            "/stream",
+            get(move |RawQuery(query): RawQuery| {
+                let (id, live, started) =
+                    (id_of(query), stream_live.enter(), stream_started.clone());
+                async move {
+                    started.report(id);
+                    Body::new(Idle {
+                        first: Some(Bytes::from_static(b"data: first\n\n")),
+                        _live: live,
+                    })
+                }
+            }),
+        )
+        .layer(ClientDisconnectLayer::new().on_outcome(outcomes.hook()))
+}
+
+async fn accounting_op(
+    addr: &Addr,
+    keep_alive: &mut Client,
+    started: &common::Started,
+    id: usize,
+    op: Op,
+) {
+    const GET_FAST: &[u8] = b"GET /fast HTTP/1.1\r\nhost: localhost\r\n\r\n";
+    match op {
+        Op::Fast => {
+            keep_alive.send(GET_FAST).await;
+            keep_alive.read_until(b"fast").await;
+        }
+        Op::Pipelined => {
+            keep_alive.send(&[GET_FAST, GET_FAST].concat()).await;
+            let mut seen = keep_alive.read_until(b"fast").await;
+            while seen.windows(4).filter(|w| w == b"fast").count() < 2 {
+                seen.extend(keep_alive.read_until(b"fast").await);
+            }
+        }
+        Op::UnreadAnswered => {
+            let mut client = Client::connect(addr).await;
+            client.send(&upload("/fast", 16 * 1024, 16 * 1024)).await;
+            client.read_until(b"fast").await;
+            client.leave(Leave::Fin);
+        }
+        Op::UnreadLeft(which, leave) => {
+            let path = format!("/hold?id={id}");
+            let request = unread_requests(&path).swap_remove(which).1;
+            let handler = started.expect(id);
+            let mut client = Client::connect(addr).await;
+            client.send(&request).await;
+            common::started_or_panic(handler, id).await;
+            client.leave(leave);
+        }
+        Op::StreamLeft => {
+            let handler = started.expect(id);
+            let mut client = Client::connect(addr).await;
+            client
+                .send(format!("GET /stream?id={id} HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes())
+                .await;
+            common::started_or_panic(handler, id).await;
+            client.read_until(b"data: first\n\n").await;
+            client.leave(Leave::Fin);
+        }
+    }
+}

@@ -15,7 +15,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 use tower_timeouts::{Outcome, Report};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -181,6 +181,33 @@ impl Outcomes {
         .await
         .unwrap_or_else(|_| panic!("expected {n} outcomes, got {:?}", self.all()))
     }
+}
+
+/// Handlers that report by id that they started, so that a client leaves only then.
+#[derive(Clone, Default)]
+pub struct Started(Arc<Mutex<std::collections::HashMap<usize, oneshot::Sender<()>>>>);
+
+impl Started {
+    pub fn expect(&self, id: usize) -> oneshot::Receiver<()> {
+        let (send, receive) = oneshot::channel();
+        self.0.lock().unwrap().insert(id, send);
+        receive
+    }
+
+    pub fn report(&self, id: usize) {
+        let send = self.0.lock().unwrap().remove(&id);
+        if let Some(send) = send {
+            let _ = send.send(());
+        }
+    }
+}
+
+/// Waits for the handler of request `id` to start (panics after [`SOON`]).
+pub async fn started_or_panic(started: oneshot::Receiver<()>, id: usize) {
+    tokio::time::timeout(SOON, started)
+        .await
+        .unwrap_or_else(|_| panic!("the handler of request {id} did not start"))
+        .unwrap();
 }
 
 /// Counts live values: handler futures that were not dropped yet, for instance.
