@@ -55,7 +55,8 @@
 //!   (a connection closed, a protocol error).
 //! - `h2` (on by default): a response-body limit resets an HTTP/2 stream with `CANCEL` rather
 //!   than `INTERNAL_ERROR` (see [`BodyTimeoutError`]).
-//! - `axum`: [`ClientGone`] becomes an axum extractor.
+//! - `axum`: [`ClientGone`] becomes an axum extractor, and [`watch::WatchedListener`] watches
+//!   `axum::serve`'s connections.
 
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]

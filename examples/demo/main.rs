@@ -1,6 +1,7 @@
-//! Run with: cargo run --example demo
+//! Run with: cargo run --features axum --example demo
 //!
-//! Starts an axum server with `ClientDisconnectLayer` (outermost), `RequestBodyTimeoutLayer`,
+//! Starts an axum server (its connections watched by `WatchedListener`) with
+//! `ClientDisconnectLayer` (outermost), `RequestBodyTimeoutLayer`,
 //! `ResponseBodyTimeoutLayer` and `ResponseTimeoutLayer` (and `DetachLayer` on `/detached`),
 //! then plays each scenario against it with a real client and prints what the client saw next
 //! to what the layers recorded. Exits with status 1 if anything differs from what is expected.
@@ -53,6 +54,7 @@ use tokio_stream::StreamExt;
 use tower::{Layer, ServiceBuilder, ServiceExt};
 use tower_timeouts::detach::Finished;
 use tower_timeouts::response::PROXY_STATUS;
+use tower_timeouts::watch::WatchedListener;
 use tower_timeouts::{
     ClientDisconnectLayer, ClientGone, ConnectTimeout, ConnectTimeoutLayer, DetachLayer, Outcome,
     Report, RequestBodyTimeoutLayer, ResponseBodyTimeoutLayer, ResponseTimeout,
@@ -77,6 +79,10 @@ const STREAM_IDLE: Duration = Duration::from_millis(200);
 const DETACHED_WORK: Duration = Duration::from_millis(300);
 /// The bound on detached work (`DetachLayer`), counted from when its client left.
 const DETACH_LIMIT: Duration = Duration::from_secs(5);
+/// The body the unread upload announces, and the part of it the client sends before leaving:
+/// more than hyper reads with the head, so it leaves hyper blind to the close.
+const UPLOAD_ANNOUNCED: usize = 1024 * 1024;
+const UPLOAD_SENT: usize = 64 * 1024;
 /// The bound on every single wait of the driver (a response, an outcome, a signal).
 const WAIT: Duration = Duration::from_secs(2);
 /// The bound on the whole demo.
@@ -142,6 +148,21 @@ const SCENARIOS: &[Scenario] = &[
             client_gone_fires: true,
             limit: None,
             detached_finishes: true,
+        },
+    },
+    Scenario {
+        name: "gone, body unread",
+        client: ClientAction::LeaveUploadOnceStarted("/hang"),
+        expect: Expect {
+            client_status: None,
+            reason: None,
+            kind: "client_disconnected",
+            recorded_status: 499,
+            error_type: Some("client_disconnected"),
+            proxy_status: None,
+            client_gone_fires: true,
+            limit: None,
+            detached_finishes: false,
         },
     },
     // The body phase.
@@ -240,6 +261,10 @@ enum ClientAction {
     Get(&'static str),
     /// `GET path` over a raw socket, closed as soon as the handler has started.
     LeaveOnceStarted(&'static str),
+    /// `POST path` over a raw socket with part of a large body, which the handler never reads,
+    /// closed as soon as the handler has started: hyper does not see that close, the watcher
+    /// does.
+    LeaveUploadOnceStarted(&'static str),
     /// `POST path` over a raw socket, with half of its body, then nothing more; reads the
     /// answer until the server closes the connection.
     StallUpload(&'static str),
@@ -356,7 +381,7 @@ fn app(state: AppState, outcomes: mpsc::UnboundedSender<Recorded>) -> Router {
     Router::new()
         .route("/fast", get(fast))
         .route("/slow", get(slow))
-        .route("/hang", get(hang))
+        .route("/hang", get(hang).post(hang))
         .route("/detached", get(detached).layer(detach))
         .route("/upload", post(upload))
         .route("/stream", get(stream))
@@ -728,13 +753,25 @@ impl Driver {
             }
             ClientAction::StallUpload(path) => self.stall_upload(path).await,
             ClientAction::ReadStream(path) => self.read_stream(path).await,
-            ClientAction::LeaveOnceStarted(path) => {
+            ClientAction::LeaveOnceStarted(path) | ClientAction::LeaveUploadOnceStarted(path) => {
                 let mut stream = self.connect().await?;
-                let request = format!("GET {path} HTTP/1.1\r\nhost: {}\r\n\r\n", self.addr);
+                let (method, request) = match action {
+                    ClientAction::LeaveOnceStarted(_) => (
+                        "GET",
+                        format!("GET {path} HTTP/1.1\r\nhost: {}\r\n\r\n", self.addr).into_bytes(),
+                    ),
+                    _ => {
+                        let head = format!(
+                            "POST {path} HTTP/1.1\r\nhost: {}\r\ncontent-length: {UPLOAD_ANNOUNCED}\r\n\r\n",
+                            self.addr
+                        );
+                        ("POST", [head.as_bytes(), &[b'x'; UPLOAD_SENT]].concat())
+                    }
+                };
                 stream
-                    .write_all(request.as_bytes())
+                    .write_all(&request)
                     .await
-                    .map_err(|e| format!("sending GET {path} failed: {e}"))?;
+                    .map_err(|e| format!("sending {method} {path} failed: {e}"))?;
                 // Leave only once the handler runs: a signal from the handler, not a guess.
                 let gone = self.started(path).await?;
                 let left_at = Instant::now();
@@ -745,7 +782,7 @@ impl Driver {
                         reason: None,
                         proxy_status: None,
                         left_at: Some(left_at),
-                        text: format!("no response: it left while GET {path} ran"),
+                        text: format!("no response: it left while {method} {path} ran"),
                     },
                     gone,
                 ))
@@ -1005,7 +1042,8 @@ async fn run() -> Result<Vec<Row>, String> {
     };
     let app = app(state, outcomes_tx);
     tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, app).await {
+        // Watched: a client that leaves with its body unread is seen too.
+        if let Err(error) = axum::serve(WatchedListener::new(listener), app).await {
             eprintln!("server error: {error}");
         }
     });
