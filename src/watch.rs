@@ -404,3 +404,113 @@ mod listener {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixStream;
+
+    use super::*;
+
+    /// Flushes until the flush fails, which it does only once the peer is seen leaving (panics
+    /// after a generous bound).
+    async fn flush_fails(watched: &mut Watched<UnixStream>) -> io::Error {
+        let failed = poll_fn(|cx| match Pin::new(&mut *watched).poll_flush(cx) {
+            Poll::Ready(Err(error)) => Poll::Ready(error),
+            // Woken when the socket's readiness changes.
+            _ => Poll::Pending,
+        });
+        tokio::time::timeout(Duration::from_secs(10), failed)
+            .await
+            .expect("the flush fails once the peer left")
+    }
+
+    /// Flushes once the reactor has had a turn to see what the peer did.
+    async fn flush_after_a_turn(watched: &mut Watched<UnixStream>) -> io::Result<()> {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        watched.flush().await
+    }
+
+    fn is_client_left(error: &io::Error) -> bool {
+        error.kind() == io::ErrorKind::ConnectionAborted
+            && error
+                .get_ref()
+                .is_some_and(|inner| inner.is::<ClientLeft>())
+    }
+
+    #[tokio::test]
+    async fn a_close_is_seen_while_nobody_reads_and_bytes_waiting_are_not_one() {
+        let (server, mut client) = UnixStream::pair().unwrap();
+        let mut watched = Watched::new(server);
+        client
+            .write_all(b"a request, and a body nobody reads")
+            .await
+            .unwrap();
+        flush_after_a_turn(&mut watched).await.unwrap();
+        flush_after_a_turn(&mut watched).await.unwrap();
+        assert!(!watched.has_left());
+
+        drop(client);
+        let error = flush_fails(&mut watched).await;
+        assert!(is_client_left(&error), "{error:?}");
+        assert!(watched.has_left());
+        // And it stays so: writes fail too.
+        let error = watched.write_all(b"an answer").await.unwrap_err();
+        assert!(is_client_left(&error), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn a_close_read_after_an_answer_is_the_readers_to_end() {
+        let (server, mut client) = UnixStream::pair().unwrap();
+        let mut watched = Watched::new(server);
+        client.write_all(b"a request").await.unwrap();
+        let mut request = [0; 9];
+        watched.read_exact(&mut request).await.unwrap();
+        watched.write_all(b"its answer").await.unwrap();
+        let mut answer = [0; 10];
+        client.read_exact(&mut answer).await.unwrap();
+        drop(client);
+        assert_eq!(watched.read(&mut [0; 16]).await.unwrap(), 0);
+        flush_after_a_turn(&mut watched).await.unwrap();
+        assert!(!watched.has_left());
+    }
+
+    #[tokio::test]
+    async fn a_close_read_while_a_request_is_in_flight_is_leaving() {
+        let (server, mut client) = UnixStream::pair().unwrap();
+        let mut watched = Watched::new(server);
+        client.write_all(b"a request").await.unwrap();
+        let mut request = [0; 9];
+        watched.read_exact(&mut request).await.unwrap();
+        drop(client);
+        // hyper, reading on for the body or for a close, notes the end and waits on.
+        assert_eq!(watched.read(&mut [0; 16]).await.unwrap(), 0);
+        let error = flush_fails(&mut watched).await;
+        assert!(is_client_left(&error), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn a_half_close_is_leaving_unless_allowed() {
+        for allowed in [false, true] {
+            let (server, mut client) = UnixStream::pair().unwrap();
+            let mut watched = Watched::new(server).half_close(allowed);
+            client.write_all(b"a request").await.unwrap();
+            client.shutdown().await.unwrap();
+            if allowed {
+                flush_after_a_turn(&mut watched).await.unwrap();
+                watched.write_all(b"its answer").await.unwrap();
+                let mut answer = [0; 10];
+                client.read_exact(&mut answer).await.unwrap();
+                assert_eq!(&answer, b"its answer");
+            } else {
+                let error = flush_fails(&mut watched).await;
+                assert!(is_client_left(&error), "{error:?}");
+            }
+        }
+    }
+}

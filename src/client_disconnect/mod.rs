@@ -48,7 +48,8 @@
 //!   seen within a millisecond of the client's FIN or RST. A larger, partial or chunked request
 //!   body that the handler holds unread, `Expect: 100-continue`, or a pipelined request behind it
 //!   keeps hyper from looking, and the handler runs to its end (a handler reading the body gets
-//!   an error instead).
+//!   an error instead). Serve through the [connection watcher](crate::watch) and these are seen
+//!   too.
 //! - **HTTP/1.1 with `half_close(true)`**: never while a request is in flight; a body only at
 //!   its next failed write.
 //! - During the body (both versions): the body is dropped when a write fails or the
