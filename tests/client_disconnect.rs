@@ -21,7 +21,7 @@ use axum::extract::State;
 use axum::routing::{get, post};
 use axum::Router;
 use bytes::Bytes;
-use common::{Capture, Captured, Live, Outcomes, SERVERS, SOON};
+use common::{Capture, Captured, Live, Outcomes, Server, SERVERS, SOON};
 use futures_util::stream;
 use http::header::CONTENT_LENGTH;
 use http::{Method, Request, Response, StatusCode};
@@ -1104,7 +1104,8 @@ async fn http1_small_request_body_sent_with_the_head_does_not_hide_the_close() {
 
 /// A request body that hyper has not read to its end (content-length, only part of it sent)
 /// or that is chunked (even when complete), held unread by the handler, keeps hyper from
-/// reading on, so it does not see the client leave: the handler runs to its end.
+/// reading on, so it does not see the client leave: the handler runs to its end. (The
+/// connection watcher sees it: `tests/watch.rs`.)
 #[tokio::test(flavor = "current_thread")]
 async fn http1_unread_request_body_hides_the_close() {
     let (_capture, _guard) = capture();
@@ -1119,7 +1120,7 @@ async fn http1_unread_request_body_hides_the_close() {
     let chunked = b"POST /upload HTTP/1.1\r\nhost: localhost\r\ntransfer-encoding: chunked\r\n\r\n\
         5\r\nhello\r\n0\r\n\r\n"
         .to_vec();
-    for server in SERVERS {
+    for server in [Server::AxumServe, Server::HyperAuto] {
         let (mut harness, app) = Harness::new();
         let addr = common::serve(server, app).await;
         let mut requests = 0;

@@ -331,6 +331,11 @@ async fn serve(
             .with_graceful_shutdown(signal)
             .await
             .unwrap(),
+        #[cfg(feature = "axum")]
+        Server::Watched => axum::serve(tower_timeouts::watch::WatchedListener::new(listener), app)
+            .with_graceful_shutdown(signal)
+            .await
+            .unwrap(),
         Server::HyperAuto => {
             let graceful = GracefulShutdown::new();
             let builder = auto::Builder::new(TokioExecutor::new());

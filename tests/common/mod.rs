@@ -28,15 +28,21 @@ use tracing_subscriber::Layer;
 /// Generous bound for anything that should happen "at once" on loopback.
 pub const SOON: Duration = Duration::from_secs(10);
 
-/// The two servers users run axum apps on.
+/// The servers users run axum apps on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Server {
     /// `axum::serve`
     AxumServe,
     /// hyper-util's `server::conn::auto::Builder` (HTTP/1 and h2c)
     HyperAuto,
+    /// `axum::serve` with a `WatchedListener`: the connection watcher below hyper
+    #[cfg(feature = "axum")]
+    Watched,
 }
 
+#[cfg(feature = "axum")]
+pub const SERVERS: [Server; 3] = [Server::AxumServe, Server::HyperAuto, Server::Watched];
+#[cfg(not(feature = "axum"))]
 pub const SERVERS: [Server; 2] = [Server::AxumServe, Server::HyperAuto];
 
 /// Serves `app` on 127.0.0.1 with `server`, in the background; returns its address.
@@ -45,6 +51,11 @@ pub async fn serve(server: Server, app: Router) -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     match server {
         Server::AxumServe => {
+            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        }
+        #[cfg(feature = "axum")]
+        Server::Watched => {
+            let listener = tower_timeouts::watch::WatchedListener::new(listener);
             tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         }
         Server::HyperAuto => {
