@@ -1,4 +1,4 @@
-//! Odd, oversized and malformed requests, written byte by byte to both servers running the full
+//! Odd, oversized and malformed requests, written byte by byte to every server running the full
 //! stack: nothing panics, every request that reaches the service has exactly one outcome, and
 //! the server still answers afterwards. Also the extreme limits, `Duration::ZERO` and
 //! `Duration::MAX`, in process.

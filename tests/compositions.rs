@@ -14,7 +14,7 @@
 //! A *placement* builds the app the way an axum user writes it, from the crate's layers with a
 //! hook on every one of them (all into one [`Outcomes`], so that a second call shows). A
 //! *scenario* runs one request against it and checks everything the contract says of it. Every
-//! placement runs its scenarios on both servers, over HTTP/1.1 and HTTP/2, all cases of a test
+//! placement runs its scenarios on every server (`common::SERVERS`), over HTTP/1.1 and HTTP/2, all cases of a test
 //! at once on one thread (the tracing capture is per thread); a case's spans and events are told
 //! apart by the `user-agent` its client sends. A failing test lists every failing case with
 //! every broken rule, named `[placement | scenario | server | version]`.
@@ -2217,7 +2217,7 @@ async fn run_case(
     check.failures
 }
 
-/// Runs every scenario of `placements` on both servers and both versions, all at once, and
+/// Runs every scenario of `placements` on every server and both versions, all at once, and
 /// fails with every broken rule of every case.
 async fn matrix(placements: &[&'static Placement]) {
     let (capture, _guard) = Capture::install_crate_only();

@@ -2,7 +2,7 @@
 //! subscriber. The layers then open no exchange (see `record`'s module docs) and act alone;
 //! what users can still see (the response, the `ClientGone` signal, the handler being dropped)
 //! must be what it is on the recording path, in the compositions where layers are called
-//! lazily. Over real TCP on loopback, with both servers. The body limits too: a stalled upload
+//! lazily. Over real TCP on loopback, with every server. The body limits too: a stalled upload
 //! answered 408, a stalled stream cut, and the handler's `ClientGone` cancelled as abandoned,
 //! never as a client that left. A server's shutdown too: a request still running when the
 //! grace ends answered 503 (`Connection: close` on HTTP/1.1), the handler dropped, and its
