@@ -602,17 +602,23 @@ async fn a_half_close_is_leaving_by_default() {
         let addr = serve(serving, app, false).await;
         let what = format!("{serving:?}");
 
-        let mut client = Client::connect(&addr).await;
-        client.send(&upload("/hold", 64 * 1024, 64 * 1024)).await;
-        assert_eq!(harness.started().await, "hold");
-        client.shutdown().await.unwrap();
-        let (outcome, _) = harness.handles.records.nth(1).await;
-        assert_left_before_head(&outcome, &what);
-        assert!(
-            client.read_to_end().await.is_empty(),
-            "{what}: an answer was sent"
-        );
-        harness.assert_signalled_and_dropped("hold").await;
+        let requests = [
+            b"GET /hold HTTP/1.1\r\nhost: localhost\r\n\r\n".to_vec(),
+            upload("/hold", 64 * 1024, 64 * 1024),
+        ];
+        for (n, request) in requests.iter().enumerate() {
+            let mut client = Client::connect(&addr).await;
+            client.send(request).await;
+            assert_eq!(harness.started().await, "hold");
+            client.shutdown().await.unwrap();
+            let (outcome, _) = harness.handles.records.nth(n + 1).await;
+            assert_left_before_head(&outcome, &what);
+            assert!(
+                client.read_to_end().await.is_empty(),
+                "{what}: an answer was sent"
+            );
+            harness.assert_signalled_and_dropped("hold").await;
+        }
     }
 }
 
