@@ -3,8 +3,10 @@
 //! The outermost of the crate's layers on a request opens one span for it, named `request`,
 //! as a child of the span current at `call` (for instance tower-http's `TraceLayer` span),
 //! and records the request's outcome into it for all of the crate's layers on the request.
-//! When the request ends, the span gets the outcome fields, and every outcome other than a
-//! normal completion emits one event (WARN by default) whose parent is that span.
+//! When the request ends, every outcome other than a normal completion emits one event,
+//! `request ended` (WARN by default), whose parent is that span and whose fields say how it
+//! ended; then the span gets the outcome fields. The event comes first, so that a log line
+//! shows the request from the span and its end from the event, each field once.
 //!
 //! A call a handler makes upstream through an [`UpstreamFailureLayer`](crate::UpstreamFailureLayer)
 //! gets a span of its own, named `upstream` (`otel.kind = client`), under the request's span;
@@ -291,56 +293,75 @@ pub(crate) fn record_outcome(
     let grpc_status = report.grpc_status();
     let elapsed_ms = duration_ms(report.elapsed());
     let error_type = outcome.error_type();
-    if !span.is_disabled() {
-        span.record(OUTCOME, outcome.kind());
-        // The limit that fired, or else the one that binds.
-        let fired = match outcome {
-            Outcome::ResponseTimeout { timeout, .. }
-            | Outcome::RequestBodyTimeout { timeout, .. }
-            | Outcome::ResponseBodyTimeout { timeout, .. }
-            | Outcome::ConnectTimeout {
-                timeout: Some(timeout),
-                ..
-            } => Some(duration_ms(*timeout)),
-            _ => None,
-        };
-        if let Some(ms) = fired.or(limit_ms) {
-            span.record(TIMEOUT_MS, ms);
-        }
-        span.record(ELAPSED_MS, elapsed_ms);
-        let status = match outcome {
-            // A status an upstream sent us, not one of ours.
-            Outcome::Completed { status } if upstream => Some(*status),
-            _ if upstream => None,
-            _ => outcome.sent_status(),
-        };
-        if let Some(status) = status {
-            span.record(HTTP_RESPONSE_STATUS_CODE, status.as_u16());
-        }
-        if let Some(status) = outcome.recorded_status() {
-            span.record(RECORDED_STATUS, status.as_u16());
-        }
-        if let Some(error_type) = error_type {
-            span.record(ERROR_TYPE, error_type);
-        }
-        if let Some(code) = grpc_status {
-            span.record(RPC_RESPONSE_STATUS_CODE, code.name());
-        }
-        // For gRPC, by its status: on a server, only the codes that are the server's fault
-        // (CANCELLED is not); on a client, every code but OK.
-        let is_error = match grpc_status {
-            Some(code) if upstream => code != GrpcCode::OK,
-            Some(code) => code.is_server_error(),
-            None => outcome.is_error(),
-        };
-        if is_error {
-            span.record(OTEL_STATUS_CODE, "ERROR");
-        }
-    }
-    let (Some(error_type), Some(level)) = (error_type, level) else {
-        return;
+    // The limit that fired, or else the one that binds.
+    let fired = match outcome {
+        Outcome::ResponseTimeout { timeout, .. }
+        | Outcome::RequestBodyTimeout { timeout, .. }
+        | Outcome::ResponseBodyTimeout { timeout, .. }
+        | Outcome::ConnectTimeout {
+            timeout: Some(timeout),
+            ..
+        } => Some(duration_ms(*timeout)),
+        _ => None,
     };
+    // The event first, while the span still holds only what it said of the request: a line
+    // of `fmt` (or `fmt().json()`) then shows the request from the span and its end from the
+    // event, each field once.
+    if let (Some(error_type), Some(level)) = (error_type, level) {
+        emit_outcome(span, level, report, error_type, fired, request);
+    }
+    if span.is_disabled() {
+        return;
+    }
+    span.record(OUTCOME, outcome.kind());
+    if let Some(ms) = fired.or(limit_ms) {
+        span.record(TIMEOUT_MS, ms);
+    }
+    span.record(ELAPSED_MS, elapsed_ms);
+    let status = match outcome {
+        // A status an upstream sent us, not one of ours.
+        Outcome::Completed { status } if upstream => Some(*status),
+        _ if upstream => None,
+        _ => outcome.sent_status(),
+    };
+    if let Some(status) = status {
+        span.record(HTTP_RESPONSE_STATUS_CODE, status.as_u16());
+    }
+    if let Some(status) = outcome.recorded_status() {
+        span.record(RECORDED_STATUS, status.as_u16());
+    }
+    if let Some(error_type) = error_type {
+        span.record(ERROR_TYPE, error_type);
+    }
+    if let Some(code) = grpc_status {
+        span.record(RPC_RESPONSE_STATUS_CODE, code.name());
+    }
+    // For gRPC, by its status: on a server, only the codes that are the server's fault
+    // (CANCELLED is not); on a client, every code but OK.
+    let is_error = match grpc_status {
+        Some(code) if upstream => code != GrpcCode::OK,
+        Some(code) => code.is_server_error(),
+        None => outcome.is_error(),
+    };
+    if is_error {
+        span.record(OTEL_STATUS_CODE, "ERROR");
+    }
+}
+
+/// The event of an outcome other than a normal completion, at `level`, with `span` as its
+/// parent; with what it says of the request (`request`) when the span is off.
+fn emit_outcome(
+    span: &Span,
+    level: Level,
+    report: &Report<'_>,
+    error_type: &str,
+    fired_ms: Option<u64>,
+    request: Option<&RequestDetails>,
+) {
+    let outcome = report.outcome();
     let recorded_status = outcome.recorded_status().map(|status| status.as_u16());
+    let grpc_status = report.grpc_status().map(GrpcCode::name);
+    let elapsed_ms = duration_ms(report.elapsed());
     let method = request.map(|request| request.method.as_str());
     let path = request.map(|request| request.uri.path());
     let user_agent = request
@@ -354,13 +375,13 @@ pub(crate) fn record_outcome(
                 { OUTCOME } = outcome.kind(),
                 { ERROR_TYPE } = error_type,
                 { RECORDED_STATUS } = recorded_status,
-                { RPC_RESPONSE_STATUS_CODE } = grpc_status.map(GrpcCode::name),
+                { RPC_RESPONSE_STATUS_CODE } = grpc_status,
+                { TIMEOUT_MS } = fired_ms,
                 { ELAPSED_MS } = elapsed_ms,
                 { HTTP_REQUEST_METHOD } = method,
                 { URL_PATH } = path,
                 { USER_AGENT_ORIGINAL } = user_agent.as_deref(),
-                details = ?outcome,
-                "request ended: {outcome}",
+                "request ended",
             )
         };
     }

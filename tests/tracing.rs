@@ -291,3 +291,157 @@ async fn the_inner_service_is_called_and_polled_in_the_request_span() {
         }
     }
 }
+
+/// What `tracing_subscriber::fmt` writes, line by line.
+#[derive(Clone, Default)]
+struct Written(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Written {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Written {
+    fn lines(&self) -> Vec<String> {
+        let bytes = self.0.lock().unwrap().clone();
+        String::from_utf8(bytes)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// The `key=` of every field in a line of `fmt`'s default format.
+fn keys(line: &str) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut in_quotes = false;
+    let mut word = String::new();
+    for c in line.chars() {
+        match c {
+            '"' => in_quotes = !in_quotes,
+            '=' if !in_quotes => keys.push(std::mem::take(&mut word)),
+            c if !in_quotes && (c.is_whitespace() || "{}:,".contains(c)) => word.clear(),
+            c if !in_quotes => word.push(c),
+            _ => {}
+        }
+    }
+    keys
+}
+
+/// Serves a request that times out (504) over TCP on loopback, with `subscriber` as the
+/// default, and returns what `written` got once the request ended.
+async fn log_a_timeout(
+    subscriber: impl tracing::Subscriber + Send + Sync,
+    written: &Written,
+) -> Vec<String> {
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let app = axum::Router::new()
+        .route(
+            "/slow",
+            axum::routing::get(|| async {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }),
+        )
+        .layer(
+            ServiceBuilder::new()
+                .layer(ClientDisconnectLayer::new())
+                .layer(ResponseTimeoutLayer::new(Duration::from_millis(50))),
+        );
+    let addr = common::serve(common::Server::AxumServe, app).await;
+    let mut client = common::h1(addr).await;
+    let response = client
+        .send_request(common::get(addr, "/slow"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    common::body_bytes(response.into_body()).await;
+    tokio::time::timeout(common::SOON, async {
+        while !written
+            .lines()
+            .iter()
+            .any(|line| line.contains("request ended"))
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let lines = written.lines();
+    eprintln!("{}", lines.join("\n"));
+    lines
+}
+
+/// A request that fails, with `fmt`'s defaults (ANSI aside): one line, and no field in it
+/// twice; the span's context says what the request was, the event how it ended.
+#[tokio::test(flavor = "current_thread")]
+async fn a_failed_request_is_one_line_with_every_field_once() {
+    let written = Written::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer({
+            let written = written.clone();
+            move || written.clone()
+        })
+        .finish();
+    let lines = log_a_timeout(subscriber, &written).await;
+    let ours: Vec<_> = lines
+        .iter()
+        .filter(|line| line.contains("tower_timeouts"))
+        .collect();
+    assert_eq!(ours.len(), 1, "{lines:#?}");
+    let keys = keys(ours[0]);
+    let mut seen = std::collections::BTreeSet::new();
+    let twice: Vec<_> = keys.iter().filter(|key| !seen.insert(*key)).collect();
+    assert!(twice.is_empty(), "{twice:?} twice in {}", ours[0]);
+    for key in [
+        trace::URL_PATH,
+        trace::OUTCOME,
+        trace::ERROR_TYPE,
+        trace::RECORDED_STATUS,
+    ] {
+        assert!(keys.iter().any(|k| k == key), "no {key} in {}", ours[0]);
+    }
+}
+
+/// The same with `fmt().json()`: one JSON object, the request's fields under `span`, the
+/// outcome's under `fields`, none in both.
+#[tokio::test(flavor = "current_thread")]
+async fn a_failed_request_in_json_has_every_field_once() {
+    let written = Written::default();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_writer({
+            let written = written.clone();
+            move || written.clone()
+        })
+        .finish();
+    let lines = log_a_timeout(subscriber, &written).await;
+    let ours: Vec<_> = lines
+        .iter()
+        .filter(|line| line.contains("tower_timeouts"))
+        .collect();
+    assert_eq!(ours.len(), 1, "{lines:#?}");
+    let line: serde_json::Value = serde_json::from_str(ours[0]).unwrap();
+    let keys = |object: &str| -> Vec<String> {
+        line[object]
+            .as_object()
+            .expect(object)
+            .keys()
+            .cloned()
+            .collect()
+    };
+    let (span, fields) = (keys("span"), keys("fields"));
+    assert!(
+        span.iter().all(|key| !fields.contains(key)),
+        "{span:?} and {fields:?}"
+    );
+    assert_eq!(line["span"][trace::URL_PATH], "/slow");
+    assert_eq!(line["fields"][trace::OUTCOME], "response_timeout");
+    assert_eq!(line["fields"][trace::RECORDED_STATUS], 504);
+}
