@@ -57,6 +57,8 @@
 //!   than `INTERNAL_ERROR` (see [`BodyTimeoutError`]).
 //! - `axum`: [`ClientGone`] becomes an axum extractor, and [`watch::WatchedListener`] watches
 //!   `axum::serve`'s connections.
+//! - `metrics`: [`metrics::ServerMetrics`], a hook that records OpenTelemetry's HTTP server
+//!   duration histogram through the `metrics` facade.
 
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -65,12 +67,15 @@
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
+pub mod access_log;
 pub mod body_timeout;
 pub mod client_disconnect;
 pub mod connect_timeout;
 pub mod deadline;
 pub mod detach;
 pub mod grpc;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 pub mod outcome;
 pub mod propagate;
 pub mod record;
@@ -98,7 +103,7 @@ pub use self::detach::{Detach, DetachLayer};
 pub use self::grpc::GrpcCode;
 pub use self::outcome::{Outcome, Phase, ProxyError};
 pub use self::propagate::{PropagateDeadline, PropagateDeadlineLayer};
-pub use self::record::{OnOutcome, Report};
+pub use self::record::{OnOutcome, Report, RequestInfo};
 pub use self::response::{Generated, ResponseBody};
 pub use self::response_timeout::{ResponseTimeout, ResponseTimeoutLayer};
 pub use self::shutdown::{Shutdown, ShutdownLayer};

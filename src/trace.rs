@@ -70,7 +70,7 @@ use tracing::{Level, Span};
 
 use crate::grpc::GrpcCode;
 use crate::outcome::Outcome;
-use crate::record::{Budget, Report};
+use crate::record::{Budget, Report, RequestInfo};
 
 /// `http.request.method`
 pub const HTTP_REQUEST_METHOD: &str = "http.request.method";
@@ -260,24 +260,6 @@ pub(crate) fn make_upstream_span<B>(
     span
 }
 
-/// What the outcome event says of the request when the request span is off.
-#[derive(Debug)]
-pub(crate) struct RequestDetails {
-    method: http::Method,
-    uri: http::Uri,
-    user_agent: Option<http::HeaderValue>,
-}
-
-impl RequestDetails {
-    pub(crate) fn of<B>(request: &Request<B>) -> Self {
-        RequestDetails {
-            method: request.method().clone(),
-            uri: request.uri().clone(),
-            user_agent: request.headers().get(http::header::USER_AGENT).cloned(),
-        }
-    }
-}
-
 /// Records the end of the request into `span`, and emits the event (at `level`) for anything
 /// but a normal completion. `limit_ms` is the smallest limit the layers on the request applied;
 /// `upstream` for the span of an upstream call, whose status code is the one received.
@@ -287,7 +269,7 @@ pub(crate) fn record_outcome(
     level: Option<Level>,
     report: &Report<'_>,
     limit_ms: Option<u64>,
-    request: Option<&RequestDetails>,
+    request: Option<&RequestInfo>,
 ) {
     let outcome = report.outcome();
     let grpc_status = report.grpc_status();
@@ -356,16 +338,16 @@ fn emit_outcome(
     report: &Report<'_>,
     error_type: &str,
     fired_ms: Option<u64>,
-    request: Option<&RequestDetails>,
+    request: Option<&RequestInfo>,
 ) {
     let outcome = report.outcome();
     let recorded_status = outcome.recorded_status().map(|status| status.as_u16());
     let grpc_status = report.grpc_status().map(GrpcCode::name);
     let elapsed_ms = duration_ms(report.elapsed());
-    let method = request.map(|request| request.method.as_str());
-    let path = request.map(|request| request.uri.path());
+    let method = request.map(|request| request.method().as_str());
+    let path = request.map(|request| request.uri().path());
     let user_agent = request
-        .and_then(|request| request.user_agent.as_ref())
+        .and_then(RequestInfo::user_agent)
         .map(|agent| String::from_utf8_lossy(agent.as_bytes()));
     macro_rules! emit {
         ($level:expr) => {

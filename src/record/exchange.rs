@@ -24,7 +24,7 @@ use tracing::{Level, Span};
 
 use super::extent::{self, Extent};
 use super::stage::Stage;
-use super::{OnOutcome, Recorder, Report};
+use super::{OnOutcome, Recorder, Report, RequestInfo};
 use crate::grpc::{GrpcCode, GRPC_STATUS};
 use crate::outcome::Outcome;
 use crate::trace;
@@ -47,8 +47,8 @@ pub(crate) struct Exchange {
     /// The outcome event's level; `None` when there is no event (an upstream call's outcome
     /// is its request's, not an event of its own).
     level: Option<Level>,
-    /// The request, for an event whose span is off.
-    details: Option<Box<trace::RequestDetails>>,
+    /// The request: for a hook, or an event whose span is off.
+    request: Option<Box<RequestInfo>>,
     /// The hook of the outermost layer on the request that has one.
     hook: OnceLock<Arc<dyn OnOutcome>>,
     /// The smallest limit a layer on the request applies, in ms (`u64::MAX` for none).
@@ -200,9 +200,11 @@ impl Exchange {
             grpc_code: AtomicU16::new(NO_CODE),
             start: Instant::now(),
             method: request.method().clone(),
-            // The event names the request itself only when the span that would is off.
-            details: (level.is_some() && span.is_disabled())
-                .then(|| Box::new(trace::RequestDetails::of(request))),
+            // For a hook (any in the process: a layer inside may bring one), and for an event
+            // that names the request itself because the span that would is off.
+            request: ((role == Role::Server && super::HOOKS.load(Ordering::Relaxed))
+                || (level.is_some() && span.is_disabled()))
+            .then(|| Box::new(RequestInfo::of(request))),
             level,
             span,
             hook,
@@ -327,6 +329,7 @@ impl Exchange {
             method: &self.method,
             elapsed,
             grpc_status,
+            request: self.request.as_deref(),
         };
         trace::record_outcome(
             &self.span,
@@ -334,7 +337,7 @@ impl Exchange {
             self.level,
             &report,
             (limit_ms != u64::MAX).then_some(limit_ms),
-            self.details.as_deref(),
+            self.request.as_deref().filter(|_| self.span.is_disabled()),
         );
         if let Some(hook) = self.hook.get() {
             if catch_unwind(AssertUnwindSafe(|| hook.on_outcome(&report))).is_err() {

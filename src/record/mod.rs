@@ -131,6 +131,91 @@ pub struct Report<'a> {
     method: &'a Method,
     elapsed: Duration,
     grpc_status: Option<GrpcCode>,
+    request: Option<&'a RequestInfo>,
+}
+
+/// What a [`Report`] says of a server's request, for access logs and metrics: taken when the
+/// request came in, on the requests of a process where a hook is configured.
+#[derive(Clone, Debug)]
+pub struct RequestInfo {
+    method: Method,
+    uri: http::Uri,
+    version: http::Version,
+    user_agent: Option<http::HeaderValue>,
+    referer: Option<http::HeaderValue>,
+    route: Option<Arc<str>>,
+    peer: Option<std::net::SocketAddr>,
+}
+
+impl RequestInfo {
+    pub(crate) fn of<B>(request: &http::Request<B>) -> Self {
+        let headers = request.headers();
+        #[cfg(feature = "axum")]
+        let (route, peer) = {
+            let extensions = request.extensions();
+            let route = extensions.get::<axum::extract::MatchedPath>();
+            let peer = extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>();
+            (
+                route.map(|path| Arc::from(path.as_str())),
+                peer.map(|info| info.0),
+            )
+        };
+        #[cfg(not(feature = "axum"))]
+        let (route, peer) = (None, None);
+        RequestInfo {
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            version: request.version(),
+            user_agent: headers.get(http::header::USER_AGENT).cloned(),
+            referer: headers.get(http::header::REFERER).cloned(),
+            route,
+            peer,
+        }
+    }
+
+    /// The request's method.
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
+    /// The request's URI, as it came (the path and query for an HTTP/1.1 server).
+    pub fn uri(&self) -> &http::Uri {
+        &self.uri
+    }
+
+    /// The request's HTTP version.
+    pub fn version(&self) -> http::Version {
+        self.version
+    }
+
+    /// The `User-Agent` header.
+    pub fn user_agent(&self) -> Option<&http::HeaderValue> {
+        self.user_agent.as_ref()
+    }
+
+    /// The `Referer` header.
+    pub fn referer(&self) -> Option<&http::HeaderValue> {
+        self.referer.as_ref()
+    }
+
+    /// The route that matched (axum's `MatchedPath`, with the `axum` feature, when the layer
+    /// is inside the router: `Router::layer` or `route_layer`): a template such as
+    /// `/users/{id}`, never the raw path.
+    pub fn route(&self) -> Option<&str> {
+        self.route.as_deref()
+    }
+
+    /// [`route`](Self::route), shared.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn shared_route(&self) -> Option<&Arc<str>> {
+        self.route.as_ref()
+    }
+
+    /// The client's address (axum's `ConnectInfo<SocketAddr>`, with the `axum` feature, when
+    /// the server was made with `into_make_service_with_connect_info::<SocketAddr>()`).
+    pub fn peer(&self) -> Option<std::net::SocketAddr> {
+        self.peer
+    }
 }
 
 impl<'a> Report<'a> {
@@ -160,6 +245,12 @@ impl<'a> Report<'a> {
     pub fn grpc_status(&self) -> Option<GrpcCode> {
         self.grpc_status
     }
+
+    /// What the request was, for a server's request in a process where a hook is configured
+    /// (the hook of an upstream call is told nothing of it).
+    pub fn request(&self) -> Option<&'a RequestInfo> {
+        self.request
+    }
 }
 
 /// A hook called exactly once per request, when it ends, for metrics and logs. With hooks on
@@ -187,6 +278,14 @@ where
 
 impl OnOutcome for () {
     fn on_outcome(&self, _: &Report<'_>) {}
+}
+
+/// Both hooks, in order: `(AccessLog::combined(), metrics)`.
+impl<A: OnOutcome, B: OnOutcome> OnOutcome for (A, B) {
+    fn on_outcome(&self, report: &Report<'_>) {
+        self.0.on_outcome(report);
+        self.1.on_outcome(report);
+    }
 }
 
 /// Whether a hook was ever configured in the process (see [the module docs](self#when-nothing-can-see-a-recording)).
