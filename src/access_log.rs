@@ -162,6 +162,10 @@ impl AccessLog {
 
 impl OnOutcome for AccessLog {
     fn on_outcome(&self, report: &Report<'_>) {
+        // No line is made for nobody.
+        if !tracing::enabled!(target: TARGET, tracing::Level::INFO) {
+            return;
+        }
         if let Some(line) = self.line(report) {
             tracing::event!(target: TARGET, parent: None, tracing::Level::INFO, "{line}");
         }
