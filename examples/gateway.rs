@@ -1,11 +1,13 @@
-//! Run with: cargo run --release --example gateway -- [UPSTREAM] [LISTEN]
+//! Run with: cargo run --release --features axum --example gateway -- [UPSTREAM] [LISTEN]
 //!
 //! (`--release` matters for anything you time or load-test through it: a debug build is many
 //! times slower per request. For trying the outcomes with curl, a debug build does.)
 //!
 //! A small reverse proxy: every request to LISTEN (default `127.0.0.1:8080`) is forwarded, with
 //! its method, path and query, headers and body, to UPSTREAM (default `http://127.0.0.1:3000`),
-//! and every request's outcome is logged.
+//! and every request gets a line in the access log (nginx's `combined` format, with the request
+//! time, the outcome and its error type; target `tower_timeouts::access`). Its connections are
+//! watched (`WatchedListener`), so a client that leaves with its body unread is logged 499.
 //!
 //! The layers, from the socket inwards:
 //!
@@ -54,9 +56,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower::{Layer, ServiceBuilder, ServiceExt};
+use tower_timeouts::access_log::AccessLog;
+use tower_timeouts::watch::{PeerAddr, WatchedListener};
 use tower_timeouts::{
     ClientDisconnectLayer, ConnectTimeout, ConnectTimeoutLayer, PropagateDeadline,
-    PropagateDeadlineLayer, Report, ResponseTimeout, ResponseTimeoutLayer, UpstreamFailure,
+    PropagateDeadlineLayer, ResponseTimeout, ResponseTimeoutLayer, UpstreamFailure,
     UpstreamFailureLayer,
 };
 use tracing_subscriber::EnvFilter;
@@ -178,14 +182,10 @@ fn app(base: Uri) -> Router {
         http2: upstream(CONNECT_TIMEOUT, RESPONSE_TIMEOUT, true),
         base,
     };
-    // A hook for every outcome; the crate's own WARN events add one line per failure.
-    let log = |report: &Report<'_>| {
-        let (method, elapsed) = (report.method(), report.elapsed());
-        tracing::info!(%method, ?elapsed, "{}", report.outcome());
-    };
+    // One access-log line per request; the crate's own WARN events add one line per failure.
     Router::new().fallback(proxy).with_state(gateway).layer(
         ServiceBuilder::new()
-            .layer(ClientDisconnectLayer::new().on_outcome(log))
+            .layer(ClientDisconnectLayer::new().on_outcome(AccessLog::combined()))
             .layer(
                 ResponseTimeoutLayer::new(GATEWAY_TIMEOUT)
                     .deadline_header(header::HeaderName::from_static(DEADLINE_HEADER)),
@@ -218,12 +218,14 @@ async fn main() -> Result<(), Box<dyn Error>> {
         "limits: connecting to the upstream, its response head, a request without a deadline \
          (shortened by a caller's grpc-timeout or {DEADLINE_HEADER})",
     );
-    let listener = listener.tap_io(|tcp| {
+    let listener = WatchedListener::new(listener.tap_io(|tcp| {
         if let Err(error) = tcp.set_nodelay(true) {
             tracing::warn!(%error, "TCP_NODELAY");
         }
-    });
-    axum::serve(listener, app(base)).await?;
+    }));
+    // The client's address, for the access log.
+    let app = app(base).into_make_service_with_connect_info::<PeerAddr>();
+    axum::serve(listener, app).await?;
     Ok(())
 }
 

@@ -59,8 +59,9 @@
 //!
 //! - `axum::serve`: [`WatchedListener`] (with the `axum` feature) wraps any
 //!   [`axum::serve::Listener`] whose streams are sockets (`TcpListener`, `UnixListener`, or one
-//!   tapped with `ListenerExt::tap_io` for `TCP_NODELAY`). The address type is the inner
-//!   listener's, so `into_make_service_with_connect_info::<SocketAddr>()` works as before.
+//!   tapped with `ListenerExt::tap_io` for `TCP_NODELAY`). For the client's address, serve
+//!   `app.into_make_service_with_connect_info::<PeerAddr>()` and extract `ConnectInfo<PeerAddr>`:
+//!   axum implements `ConnectInfo<SocketAddr>` for its own listeners only.
 //! - hyper-util's `server::conn::auto::Builder` (or hyper's own connections):
 //!   `TokioIo::new(Watched::new(stream))` in the accept loop.
 //! - TLS: watch the TCP stream, then hand it to the TLS acceptor:
@@ -348,7 +349,7 @@ impl fmt::Display for ClientLeft {
 impl std::error::Error for ClientLeft {}
 
 #[cfg(feature = "axum")]
-pub use self::listener::WatchedListener;
+pub use self::listener::{PeerAddr, WatchedListener};
 
 #[cfg(feature = "axum")]
 mod listener {
@@ -401,6 +402,40 @@ mod listener {
 
         fn local_addr(&self) -> std::io::Result<Self::Addr> {
             self.inner.local_addr()
+        }
+    }
+
+    /// The client's address, as axum's connect info for a [`WatchedListener`] of TCP
+    /// connections: serve `app.into_make_service_with_connect_info::<PeerAddr>()`, and extract
+    /// `ConnectInfo<PeerAddr>` (the crate's access log reads it too).
+    ///
+    /// ```no_run
+    /// use axum::extract::ConnectInfo;
+    /// use axum::{routing::get, Router};
+    /// use tower_timeouts::watch::{PeerAddr, WatchedListener};
+    ///
+    /// # async fn run() -> std::io::Result<()> {
+    /// let app = Router::new().route(
+    ///     "/",
+    ///     get(|ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>| async move { peer.to_string() }),
+    /// );
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+    /// let app = app.into_make_service_with_connect_info::<PeerAddr>();
+    /// axum::serve(WatchedListener::new(listener), app).await
+    /// # }
+    /// ```
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct PeerAddr(pub std::net::SocketAddr);
+
+    impl<L>
+        axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, WatchedListener<L>>>
+        for PeerAddr
+    where
+        L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+        L::Io: AsFd,
+    {
+        fn connect_info(stream: axum::serve::IncomingStream<'_, WatchedListener<L>>) -> Self {
+            PeerAddr(*stream.remote_addr())
         }
     }
 }

@@ -987,3 +987,34 @@ async fn accounting_op(
         }
     }
 }
+
+/// `PeerAddr` gives a handler behind a `WatchedListener` its client's address, as
+/// `ConnectInfo<SocketAddr>` does behind axum's own listeners.
+#[tokio::test]
+async fn peer_addr_is_the_clients_address() {
+    use axum::extract::ConnectInfo;
+    use tower_timeouts::watch::PeerAddr;
+
+    let app = Router::new().route(
+        "/",
+        get(|ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>| async move { peer.to_string() }),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = app.into_make_service_with_connect_info::<PeerAddr>();
+    tokio::spawn(async move {
+        axum::serve(WatchedListener::new(listener), app)
+            .await
+            .unwrap()
+    });
+
+    let Client::Tcp(stream) = Client::connect(&Addr::Tcp(addr)).await else {
+        unreachable!()
+    };
+    let local = stream.local_addr().unwrap();
+    let mut client = Client::Tcp(stream);
+    client
+        .send(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await;
+    client.read_until(local.to_string().as_bytes()).await;
+}

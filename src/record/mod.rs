@@ -154,11 +154,15 @@ impl RequestInfo {
         let (route, peer) = {
             let extensions = request.extensions();
             let route = extensions.get::<axum::extract::MatchedPath>();
-            let peer = extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>();
-            (
-                route.map(|path| Arc::from(path.as_str())),
-                peer.map(|info| info.0),
-            )
+            let peer = extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|info| info.0);
+            #[cfg(unix)]
+            let peer = peer.or_else(|| {
+                let info = extensions.get::<axum::extract::ConnectInfo<crate::watch::PeerAddr>>();
+                info.map(|info| info.0 .0)
+            });
+            (route.map(|path| Arc::from(path.as_str())), peer)
         };
         #[cfg(not(feature = "axum"))]
         let (route, peer) = (None, None);
@@ -211,8 +215,9 @@ impl RequestInfo {
         self.route.as_ref()
     }
 
-    /// The client's address (axum's `ConnectInfo<SocketAddr>`, with the `axum` feature, when
-    /// the server was made with `into_make_service_with_connect_info::<SocketAddr>()`).
+    /// The client's address (axum's `ConnectInfo<SocketAddr>` or
+    /// `ConnectInfo<`[`PeerAddr`](crate::watch::PeerAddr)`>`, with the `axum` feature, when the
+    /// server was made with `into_make_service_with_connect_info`).
     pub fn peer(&self) -> Option<std::net::SocketAddr> {
         self.peer
     }
