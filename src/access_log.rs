@@ -4,7 +4,8 @@
 //! ```
 //! use tower_timeouts::access_log::{AccessLog, TARGET};
 //! use tower_timeouts::ClientDisconnectLayer;
-//! use tracing_subscriber::filter::{filter_fn, LevelFilter};
+//! use tracing::Level;
+//! use tracing_subscriber::filter::filter_fn;
 //! use tracing_subscriber::prelude::*;
 //!
 //! // The access log alone on stdout, as bare lines; everything else as usual, elsewhere.
@@ -16,7 +17,7 @@
 //!     .with_filter(filter_fn(|meta| meta.target() == TARGET));
 //! let rest = tracing_subscriber::fmt::layer()
 //!     .with_writer(std::io::stderr)
-//!     .with_filter(filter_fn(|meta| meta.target() != TARGET).and(LevelFilter::INFO));
+//!     .with_filter(filter_fn(|meta| meta.target() != TARGET && *meta.level() <= Level::INFO));
 //! let _ = tracing_subscriber::registry().with(access).with(rest).try_init();
 //!
 //! let layer = ClientDisconnectLayer::new().on_outcome(AccessLog::combined());

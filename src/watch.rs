@@ -2,6 +2,8 @@
 //! body, `Expect: 100-continue`, a pipelined request waiting, an idle stream.
 //!
 //! ```no_run
+//! # #[cfg(feature = "axum")]
+//! # mod example {
 //! use axum::{routing::post, Router};
 //! use tower_timeouts::{watch::WatchedListener, ClientDisconnectLayer};
 //!
@@ -12,6 +14,7 @@
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
 //! // Every accepted connection is watched: a client that leaves is seen at once.
 //! axum::serve(WatchedListener::new(listener), app).await
+//! # }
 //! # }
 //! ```
 //!
