@@ -399,9 +399,12 @@ struct Recording {
 impl Recording {
     fn finish(&self, finished: &Finished, elapsed: Duration) {
         let (kind, level, status, limit_ms) = match finished {
-            Finished::Completed { status } => {
-                ("completed", Level::INFO, Some(status.as_u16()), None)
-            }
+            Finished::Completed { status } => (
+                "completed",
+                Level::INFO,
+                Some(i64::from(status.as_u16())),
+                None,
+            ),
             Finished::Failed => ("failed", Level::WARN, None, None),
             Finished::Panicked => ("panicked", Level::ERROR, None, None),
             Finished::Cut { limit } => ("cut", Level::WARN, None, Some(trace::duration_ms(*limit))),

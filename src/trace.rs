@@ -234,7 +234,7 @@ pub(crate) fn make_upstream_span<B>(
                 { HTTP_REQUEST_METHOD } = %request.method(),
                 { URL_FULL } = %uri,
                 { SERVER_ADDRESS } = uri.host(),
-                { SERVER_PORT } = port,
+                { SERVER_PORT } = port.map(i64::from),
                 { OTEL_KIND } = "client",
                 { RPC_SYSTEM_NAME } = Empty,
                 { RPC_METHOD } = Empty,
@@ -296,6 +296,7 @@ pub(crate) fn record_outcome(
         return;
     }
     span.record(OUTCOME, outcome.kind());
+    let limit_ms = limit_ms.map(|ms| i64::try_from(ms).unwrap_or(i64::MAX));
     if let Some(ms) = fired.or(limit_ms) {
         span.record(TIMEOUT_MS, ms);
     }
@@ -307,10 +308,10 @@ pub(crate) fn record_outcome(
         _ => outcome.sent_status(),
     };
     if let Some(status) = status {
-        span.record(HTTP_RESPONSE_STATUS_CODE, status.as_u16());
+        span.record(HTTP_RESPONSE_STATUS_CODE, i64::from(status.as_u16()));
     }
     if let Some(status) = outcome.recorded_status() {
-        span.record(RECORDED_STATUS, status.as_u16());
+        span.record(RECORDED_STATUS, i64::from(status.as_u16()));
     }
     if let Some(error_type) = error_type {
         span.record(ERROR_TYPE, error_type);
@@ -337,11 +338,13 @@ fn emit_outcome(
     level: Level,
     report: &Report<'_>,
     error_type: &str,
-    fired_ms: Option<u64>,
+    fired_ms: Option<i64>,
     request: Option<&RequestInfo>,
 ) {
     let outcome = report.outcome();
-    let recorded_status = outcome.recorded_status().map(|status| status.as_u16());
+    let recorded_status = outcome
+        .recorded_status()
+        .map(|status| i64::from(status.as_u16()));
     let grpc_status = report.grpc_status().map(GrpcCode::name);
     let elapsed_ms = duration_ms(report.elapsed());
     let method = request.map(|request| request.method().as_str());
@@ -376,11 +379,13 @@ fn emit_outcome(
     }
 }
 
-pub(crate) fn duration_ms(duration: std::time::Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+/// `duration` in whole milliseconds, as a field's value. Integers go into fields as `i64`:
+/// `tracing-opentelemetry` exports an `i64` as an integer attribute, but a `u64` as a string.
+pub(crate) fn duration_ms(duration: std::time::Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// `duration` in whole milliseconds, rounded up (a budget of 0.4 ms is not "0 ms").
-pub(crate) fn duration_ms_ceil(duration: std::time::Duration) -> u64 {
-    u64::try_from(duration.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
+pub(crate) fn duration_ms_ceil(duration: std::time::Duration) -> i64 {
+    i64::try_from(duration.as_nanos().div_ceil(1_000_000)).unwrap_or(i64::MAX)
 }

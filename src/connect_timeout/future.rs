@@ -82,4 +82,7 @@ where
 fn record(span: &Span, started: Instant, outcome: &'static str) {
     span.record(trace::CONNECT_MS, trace::duration_ms(started.elapsed()));
     span.record(trace::CONNECT_OUTCOME, outcome);
+    if outcome != "connected" {
+        span.record(trace::OTEL_STATUS_CODE, "ERROR");
+    }
 }

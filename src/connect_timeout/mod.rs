@@ -157,9 +157,11 @@ where
         let span = tracing::info_span!(
             trace::CONNECT_SPAN_NAME,
             { trace::SERVER_ADDRESS } = uri.host().unwrap_or_default(),
-            { trace::SERVER_PORT } = uri.port_u16().or_else(|| default_port(&uri)),
+            { trace::SERVER_PORT } = uri.port_u16().or_else(|| default_port(&uri)).map(i64::from),
+            { trace::OTEL_KIND } = "client",
             { trace::CONNECT_MS } = tracing::field::Empty,
             { trace::CONNECT_OUTCOME } = tracing::field::Empty,
+            { trace::OTEL_STATUS_CODE } = tracing::field::Empty,
         );
         let address = self
             .config

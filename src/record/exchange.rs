@@ -208,7 +208,7 @@ impl Exchange {
             level,
             span,
             hook,
-            limit_ms: AtomicU64::new(joining.limit.map_or(u64::MAX, trace::duration_ms)),
+            limit_ms: AtomicU64::new(joining.limit.map_or(u64::MAX, whole_ms)),
             watches_disconnects: AtomicBool::new(joining.watches_disconnects),
             follows_body: AtomicBool::new(joining.follows_body),
             stage: Mutex::new(Stage::Open),
@@ -222,8 +222,7 @@ impl Exchange {
             let _ = self.hook.set(hook.clone());
         }
         if let Some(limit) = joining.limit {
-            self.limit_ms
-                .fetch_min(trace::duration_ms(limit), Ordering::Relaxed);
+            self.limit_ms.fetch_min(whole_ms(limit), Ordering::Relaxed);
         }
         if joining.watches_disconnects {
             self.watches_disconnects.store(true, Ordering::Relaxed);
@@ -345,4 +344,9 @@ impl Exchange {
             }
         }
     }
+}
+
+/// A limit in whole milliseconds (`u64::MAX` stands for none).
+fn whole_ms(limit: Duration) -> u64 {
+    u64::try_from(limit.as_millis()).unwrap_or(u64::MAX)
 }
