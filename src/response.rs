@@ -84,6 +84,7 @@ pub const DEFAULT_PROXY_NAME: &str = "tower-timeouts";
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Generated {
     outcome: Outcome,
+    upstream: Option<UpstreamPlace>,
 }
 
 impl Generated {
@@ -91,6 +92,35 @@ impl Generated {
     pub fn outcome(&self) -> &Outcome {
         &self.outcome
     }
+
+    /// For an answer to an upstream call that failed (made or passed on by an
+    /// [`UpstreamFailure`](crate::UpstreamFailure)): the upstream (`host:port`) and the phase
+    /// it failed in, `connecting` or `waiting_for_head`. It goes into the server's log, never
+    /// into the response.
+    pub fn upstream(&self) -> Option<(&str, &'static str)> {
+        let place = self.upstream.as_ref()?;
+        Some((place.authority.as_str(), place.phase))
+    }
+
+    pub(crate) fn place(&self) -> Option<&UpstreamPlace> {
+        self.upstream.as_ref()
+    }
+
+    /// Marks the answer as an upstream call's to `authority`, in the phase its outcome says.
+    pub(crate) fn set_upstream(&mut self, authority: http::uri::Authority) {
+        let phase = match self.outcome {
+            Outcome::ConnectTimeout { .. } | Outcome::ConnectFailed { .. } => "connecting",
+            _ => "waiting_for_head",
+        };
+        self.upstream = Some(UpstreamPlace { authority, phase });
+    }
+}
+
+/// Where a failed upstream call was going, and when it failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct UpstreamPlace {
+    pub(crate) authority: http::uri::Authority,
+    pub(crate) phase: &'static str,
 }
 
 /// The builder methods of every layer that generates responses.
@@ -334,7 +364,10 @@ impl ResponseConfig {
                     b"Network Connect Timeout Error",
                 ));
         }
-        response.extensions_mut().insert(Generated { outcome });
+        response.extensions_mut().insert(Generated {
+            outcome,
+            upstream: None,
+        });
         response.map(ResponseBody::generated)
     }
 }

@@ -114,6 +114,13 @@ pub const BUDGET_MS: &str = "tower_timeouts.budget_ms";
 /// was ignored.
 pub const BUDGET_INVALID: &str = "tower_timeouts.budget_invalid";
 
+/// `tower_timeouts.upstream`: on the outcome event of a request answered with a failed upstream
+/// call's answer, where the call went (`host:port`).
+pub const UPSTREAM: &str = "tower_timeouts.upstream";
+/// `tower_timeouts.upstream_phase`: beside [`UPSTREAM`], when the call failed: `connecting`,
+/// or `waiting_for_head`.
+pub const UPSTREAM_PHASE: &str = "tower_timeouts.upstream_phase";
+
 /// `url.full`, on the `upstream` span.
 pub const URL_FULL: &str = "url.full";
 
@@ -347,6 +354,7 @@ fn emit_outcome(
         .map(|status| i64::from(status.as_u16()));
     let grpc_status = report.grpc_status().map(GrpcCode::name);
     let elapsed_ms = duration_ms(report.elapsed());
+    let upstream = report.upstream();
     let method = request.map(|request| request.method().as_str());
     let path = request.map(|request| request.uri().path());
     let user_agent = request
@@ -363,6 +371,8 @@ fn emit_outcome(
                 { RPC_RESPONSE_STATUS_CODE } = grpc_status,
                 { TIMEOUT_MS } = fired_ms,
                 { ELAPSED_MS } = elapsed_ms,
+                { UPSTREAM } = upstream.map(|(address, _)| address),
+                { UPSTREAM_PHASE } = upstream.map(|(_, phase)| phase),
                 { HTTP_REQUEST_METHOD } = method,
                 { URL_PATH } = path,
                 { USER_AGENT_ORIGINAL } = user_agent.as_deref(),

@@ -68,30 +68,40 @@ impl Written {
     }
 }
 
-/// An upstream stack as a gateway's: connect limit 100 ms, failures answered 599 and 502.
+/// An upstream stack as a gateway's: connect limit 50 ms, response head 100 ms, failures
+/// answered 599, 502 and 504.
 fn upstream() -> impl tower::Service<
     Request<Body>,
     Response = Response<Body>,
     Error = Infallible,
     Future = impl Send,
 > + Clone {
-    let connector =
-        ConnectTimeoutLayer::new(Duration::from_millis(100)).layer(HttpConnector::new());
+    let connector = ConnectTimeoutLayer::new(Duration::from_millis(50)).layer(HttpConnector::new());
     let client = Client::builder(TokioExecutor::new()).build(connector);
     ServiceBuilder::new()
         .layer(UpstreamFailureLayer::new())
-        .layer(ResponseTimeoutLayer::new(Duration::from_secs(5)))
+        .layer(ResponseTimeoutLayer::new(Duration::from_millis(100)))
         .service(client)
         .map_response(|response| response.map(Body::new))
 }
 
 /// The app: `/fast`, `/slow` (past a 200 ms limit), `/hang` (reports that it started, never
-/// answers), `/blackhole` and `/refused` (calls upstream), under `hook`.
+/// answers), `/blackhole`, `/refused` and `/silent` (calls upstream), under `hook`.
 fn app(
     hook: impl OnOutcome,
     started: mpsc::UnboundedSender<()>,
     hole: SocketAddr,
     refused: SocketAddr,
+) -> Router {
+    app_with_silent(hook, started, hole, refused, refused)
+}
+
+fn app_with_silent(
+    hook: impl OnOutcome,
+    started: mpsc::UnboundedSender<()>,
+    hole: SocketAddr,
+    refused: SocketAddr,
+    silent: SocketAddr,
 ) -> Router {
     let forward = |to: SocketAddr| {
         let upstream = upstream();
@@ -120,6 +130,7 @@ fn app(
         )
         .route("/blackhole", forward(hole))
         .route("/refused", forward(refused))
+        .route("/silent", forward(silent))
         .layer(
             ServiceBuilder::new()
                 .layer(ClientDisconnectLayer::new().on_outcome(hook))
@@ -349,4 +360,62 @@ async fn the_metrics_hook_records_one_labelled_duration_per_request() {
     ];
     want.sort();
     assert_eq!(series, want);
+}
+
+/// The crate's own line for a request answered with a failed upstream call's answer names the
+/// upstream and the phase it failed in; the response names neither.
+#[tokio::test(flavor = "current_thread")]
+async fn an_upstream_failure_names_the_upstream_and_the_phase_in_the_log_only() {
+    let written = Written::default();
+    let logs = tracing_subscriber::fmt::layer()
+        .with_ansi(false)
+        .with_writer({
+            let written = written.clone();
+            move || written.clone()
+        })
+        .with_filter(filter_fn(|meta| meta.target() == "tower_timeouts::trace"));
+    let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(logs));
+
+    let hole = common::black_hole().await;
+    let (refused, _socket) = common::refusing();
+    // Accepts connections into its queue, never reads them: no response head.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let (started, _) = mpsc::unbounded_channel();
+    let addr = serve(app_with_silent(
+        (),
+        started,
+        hole.addr,
+        refused,
+        silent_addr,
+    ))
+    .await;
+    let mut client = common::h1(addr).await;
+    let cases = [
+        ("/blackhole", hole.addr, 599, "connecting"),
+        ("/refused", refused, 502, "connecting"),
+        ("/silent", silent_addr, 504, "waiting_for_head"),
+    ];
+    for (n, (path, to, status, phase)) in cases.into_iter().enumerate() {
+        let response = client.send_request(common::get(addr, path)).await.unwrap();
+        assert_eq!(response.status(), status, "{path}");
+        let head = format!("{:?}", response.headers());
+        let body = common::body_bytes(response.into_body()).await;
+        let port = to.port().to_string();
+        assert!(!head.contains(&port), "{path}: {head}");
+        assert!(
+            !String::from_utf8_lossy(&body).contains(&port),
+            "{path}: {body:?}"
+        );
+
+        let lines = written.wait_lines(n + 1).await;
+        let line = &lines[n];
+        eprintln!("{line}");
+        assert!(
+            line.contains(&format!("tower_timeouts.upstream=\"{to}\"")),
+            "{line}"
+        );
+        let phase = format!("tower_timeouts.upstream_phase=\"{phase}\"");
+        assert!(line.contains(&phase), "{line}");
+    }
 }

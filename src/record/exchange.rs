@@ -27,6 +27,7 @@ use super::stage::Stage;
 use super::{OnOutcome, Recorder, Report, RequestInfo};
 use crate::grpc::{GrpcCode, GRPC_STATUS};
 use crate::outcome::Outcome;
+use crate::response::UpstreamPlace;
 use crate::trace;
 
 /// Which side of a request a layer serves.
@@ -49,6 +50,8 @@ pub(crate) struct Exchange {
     level: Option<Level>,
     /// The request: for a hook, or an event whose span is off.
     request: Option<Box<RequestInfo>>,
+    /// The upstream call whose failure is the request's answer, for the event.
+    upstream: OnceLock<UpstreamPlace>,
     /// The hook of the outermost layer on the request that has one.
     hook: OnceLock<Arc<dyn OnOutcome>>,
     /// The smallest limit a layer on the request applies, in ms (`u64::MAX` for none).
@@ -205,6 +208,7 @@ impl Exchange {
             request: ((role == Role::Server && super::HOOKS.load(Ordering::Relaxed))
                 || (level.is_some() && span.is_disabled()))
             .then(|| Box::new(RequestInfo::of(request))),
+            upstream: OnceLock::new(),
             level,
             span,
             hook,
@@ -277,6 +281,11 @@ impl Exchange {
         follow
     }
 
+    /// The answer is a failed upstream call's, made at `place`.
+    pub(crate) fn failed_upstream(&self, place: UpstreamPlace) {
+        let _ = self.upstream.set(place);
+    }
+
     /// Takes the gRPC status in `headers` (a head or trailers), if the request is gRPC and
     /// they carry one; returns whether they did.
     pub(crate) fn grpc_status_in(&self, headers: &HeaderMap) -> bool {
@@ -329,6 +338,7 @@ impl Exchange {
             elapsed,
             grpc_status,
             request: self.request.as_deref(),
+            upstream: self.upstream.get(),
         };
         trace::record_outcome(
             &self.span,

@@ -288,7 +288,11 @@ impl Finished {
         };
         // A generated response is its outcome: its body is not followed, and a client that
         // leaves while it goes out does not change that.
-        let generated = response.extensions().get::<Generated>().is_some();
+        let generated = response.extensions().get::<Generated>();
+        if let (Some(exchange), Some(place)) = (&owner, generated.and_then(Generated::place)) {
+            exchange.failed_upstream(place.clone());
+        }
+        let generated = generated.is_some();
         let owner = owner.filter(|exchange| {
             exchange.head(head_outcome(response), response.headers(), !generated)
         });

@@ -132,6 +132,7 @@ pub struct Report<'a> {
     elapsed: Duration,
     grpc_status: Option<GrpcCode>,
     request: Option<&'a RequestInfo>,
+    upstream: Option<&'a crate::response::UpstreamPlace>,
 }
 
 /// What a [`Report`] says of a server's request, for access logs and metrics: taken when the
@@ -255,6 +256,13 @@ impl<'a> Report<'a> {
     /// (the hook of an upstream call is told nothing of it).
     pub fn request(&self) -> Option<&'a RequestInfo> {
         self.request
+    }
+
+    /// For a request answered with a failed upstream call's answer (a 599, a 502, an upstream
+    /// 504): the upstream (`host:port`) and the phase, `connecting` or `waiting_for_head`.
+    pub fn upstream(&self) -> Option<(&'a str, &'static str)> {
+        let place = self.upstream?;
+        Some((place.authority.as_str(), place.phase))
     }
 }
 

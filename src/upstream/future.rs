@@ -3,6 +3,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
+use http::uri::Authority;
 use http::{HeaderValue, Response};
 use pin_project_lite::pin_project;
 
@@ -10,7 +11,7 @@ use super::classify::classify;
 use super::{Answers, BoxError};
 use crate::outcome::{Outcome, ProxyError};
 use crate::record::{Guarded, Share};
-use crate::response::ResponseBody;
+use crate::response::{Generated, ResponseBody};
 
 pin_project! {
     /// The response future of [`UpstreamFailure`](super::UpstreamFailure).
@@ -20,6 +21,8 @@ pin_project! {
         answers: Answers,
         // The request's content-type, when it is gRPC.
         grpc: Option<HeaderValue>,
+        // Where the call goes, when something can see a recording: for the server's log.
+        authority: Option<Authority>,
     }
 }
 
@@ -64,11 +67,13 @@ impl<F> UpstreamFuture<F> {
         share: Share,
         answers: Answers,
         grpc: Option<HeaderValue>,
+        authority: Option<Authority>,
     ) -> Self {
         UpstreamFuture {
             inner: Guarded::new(call, share),
             answers,
             grpc,
+            authority,
         }
     }
 }
@@ -84,7 +89,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let response = match ready!(this.inner.as_mut().poll(cx)) {
+        let mut response = match ready!(this.inner.as_mut().poll(cx)) {
             Ok(response) if this.grpc.is_some() => {
                 // A gRPC stream the upstream breaks off after the head ends with a status.
                 let broken = Outcome::upstream_failed(
@@ -107,6 +112,13 @@ where
                 ))
             }
         };
+        // A generated answer, ours or a layer's inside (a response timeout), says where the call
+        // went, for the server's log.
+        if let (Some(authority), Ok(response)) = (this.authority.take(), &mut response) {
+            if let Some(generated) = response.extensions_mut().get_mut::<Generated>() {
+                generated.set_upstream(authority);
+            }
+        }
         Poll::Ready(this.inner.finish().respond(response, None))
     }
 }

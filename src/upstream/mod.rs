@@ -63,7 +63,7 @@ use http::{Request, Response, StatusCode};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::record::{Joining, Recorder, Role};
+use crate::record::{nothing_can_see, Joining, Recorder, Role};
 use crate::response::{ResponseBody, ResponseConfig};
 
 type BoxError = Box<dyn Error + Send + Sync>;
@@ -241,6 +241,9 @@ where
             .recorder
             .start(&mut request, Joining::new(Role::Client));
         let _calling = share.calling();
+        let authority = (!nothing_can_see())
+            .then(|| request.uri().authority().cloned())
+            .flatten();
         // An error of `poll_ready` is answered at the first poll.
         let call = match self.not_ready.take() {
             Some(error) => Call::NotReady { error: Some(error) },
@@ -248,6 +251,6 @@ where
                 future: self.inner.call(request),
             },
         };
-        UpstreamFuture::new(call, share, self.config.answers.clone(), grpc)
+        UpstreamFuture::new(call, share, self.config.answers.clone(), grpc, authority)
     }
 }
