@@ -5,85 +5,23 @@
 
 mod common;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::routing::get;
 use axum::Router;
-use http::{Request, Response};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http::Request;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tower::{Layer, ServiceBuilder, ServiceExt};
+use tower::{ServiceBuilder, ServiceExt};
 use tower_timeouts::access_log::{AccessLog, TARGET};
-use tower_timeouts::{
-    ClientDisconnectLayer, ConnectTimeoutLayer, OnOutcome, ResponseTimeoutLayer,
-    UpstreamFailureLayer,
-};
+use tower_timeouts::{ClientDisconnectLayer, OnOutcome, ResponseTimeoutLayer};
 use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::prelude::*;
 
-use common::SOON;
-
-/// What a `fmt` layer writes.
-#[derive(Clone, Default)]
-struct Written(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Written {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Written {
-    fn lines(&self) -> Vec<String> {
-        let bytes = self.0.lock().unwrap().clone();
-        String::from_utf8(bytes)
-            .unwrap()
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    }
-
-    /// Waits until `n` lines were written (panics after [`SOON`]).
-    async fn wait_lines(&self, n: usize) -> Vec<String> {
-        tokio::time::timeout(SOON, async {
-            while self.lines().len() < n {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("expected {n} lines, got {:#?}", self.lines()));
-        self.lines()
-    }
-}
-
-/// An upstream stack as a gateway's: connect limit 50 ms, response head 100 ms, failures
-/// answered 599, 502 and 504.
-fn upstream() -> impl tower::Service<
-    Request<Body>,
-    Response = Response<Body>,
-    Error = Infallible,
-    Future = impl Send,
-> + Clone {
-    let connector = ConnectTimeoutLayer::new(Duration::from_millis(50)).layer(HttpConnector::new());
-    let client = Client::builder(TokioExecutor::new()).build(connector);
-    ServiceBuilder::new()
-        .layer(UpstreamFailureLayer::new())
-        .layer(ResponseTimeoutLayer::new(Duration::from_millis(100)))
-        .service(client)
-        .map_response(|response| response.map(Body::new))
-}
+use common::{Written, SOON};
 
 /// The app: `/fast`, `/slow` (past a 200 ms limit), `/hang` (reports that it started, never
 /// answers), `/blackhole`, `/refused` and `/silent` (calls upstream), under `hook`.
@@ -104,7 +42,8 @@ fn app_with_silent(
     silent: SocketAddr,
 ) -> Router {
     let forward = |to: SocketAddr| {
-        let upstream = upstream();
+        let upstream =
+            common::gateway_upstream(Duration::from_millis(50), Duration::from_millis(100));
         get(move || {
             let upstream = upstream.clone();
             async move {
@@ -194,10 +133,7 @@ async fn the_access_log_has_one_line_per_request_with_status_and_error_type() {
         .with_level(false)
         .with_target(false)
         .with_ansi(false)
-        .with_writer({
-            let written = written.clone();
-            move || written.clone()
-        })
+        .with_writer(written.clone())
         .with_filter(filter_fn(|meta| meta.target() == TARGET));
     let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(access));
 
@@ -369,10 +305,7 @@ async fn an_upstream_failure_names_the_upstream_and_the_phase_in_the_log_only() 
     let written = Written::default();
     let logs = tracing_subscriber::fmt::layer()
         .with_ansi(false)
-        .with_writer({
-            let written = written.clone();
-            move || written.clone()
-        })
+        .with_writer(written.clone())
         .with_filter(filter_fn(|meta| meta.target() == "tower_timeouts::trace"));
     let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(logs));
 

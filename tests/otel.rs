@@ -5,24 +5,18 @@
 
 mod common;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::routing::get;
 use axum::Router;
-use http::{Request, Response, StatusCode};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http::{Request, StatusCode};
 use opentelemetry::trace::{SpanKind, Status, TracerProvider as _};
 use opentelemetry::Value;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
-use tower::{Layer, ServiceBuilder, ServiceExt};
-use tower_timeouts::{
-    ClientDisconnectLayer, ConnectTimeoutLayer, ResponseTimeoutLayer, UpstreamFailureLayer,
-};
+use tower::{ServiceBuilder, ServiceExt};
+use tower_timeouts::{ClientDisconnectLayer, ResponseTimeoutLayer};
 use tracing_subscriber::prelude::*;
 
 /// Installs `tracing-opentelemetry` with an in-memory exporter as this thread's default.
@@ -74,25 +68,8 @@ fn named<'a>(spans: &'a [SpanData], name: &str) -> &'a SpanData {
         .unwrap_or_else(|| panic!("no `{name}` span in {spans:#?}"))
 }
 
-/// An upstream stack as a gateway's: connect limit 100 ms.
-fn upstream() -> impl tower::Service<
-    Request<Body>,
-    Response = Response<Body>,
-    Error = Infallible,
-    Future = impl Send,
-> + Clone {
-    let connector =
-        ConnectTimeoutLayer::new(Duration::from_millis(100)).layer(HttpConnector::new());
-    let client = Client::builder(TokioExecutor::new()).build(connector);
-    ServiceBuilder::new()
-        .layer(UpstreamFailureLayer::new())
-        .layer(ResponseTimeoutLayer::new(Duration::from_secs(5)))
-        .service(client)
-        .map_response(|response| response.map(Body::new))
-}
-
 fn app(hole: SocketAddr) -> Router {
-    let upstream = upstream();
+    let upstream = common::gateway_upstream(Duration::from_millis(100), Duration::from_secs(5));
     Router::new()
         .route("/fast", get(|| async { "fast" }))
         .route(

@@ -12,7 +12,7 @@ use tower::{service_fn, ServiceBuilder, ServiceExt};
 use tower_http::trace::TraceLayer;
 use tower_timeouts::{trace, ClientDisconnectLayer, ResponseTimeoutLayer};
 
-use common::Capture;
+use common::{Capture, Written};
 
 fn slow_or_fast() -> impl tower::Service<
     Request<Body>,
@@ -292,31 +292,6 @@ async fn the_inner_service_is_called_and_polled_in_the_request_span() {
     }
 }
 
-/// What `tracing_subscriber::fmt` writes, line by line.
-#[derive(Clone, Default)]
-struct Written(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Written {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Written {
-    fn lines(&self) -> Vec<String> {
-        let bytes = self.0.lock().unwrap().clone();
-        String::from_utf8(bytes)
-            .unwrap()
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    }
-}
-
 /// The `key=` of every field in a line of `fmt`'s default format.
 fn keys(line: &str) -> Vec<String> {
     let mut keys = Vec::new();
@@ -384,10 +359,7 @@ async fn a_failed_request_is_one_line_with_every_field_once() {
     let written = Written::default();
     let subscriber = tracing_subscriber::fmt()
         .with_ansi(false)
-        .with_writer({
-            let written = written.clone();
-            move || written.clone()
-        })
+        .with_writer(written.clone())
         .finish();
     let lines = log_a_timeout(subscriber, &written).await;
     let ours: Vec<_> = lines
@@ -416,10 +388,7 @@ async fn a_failed_request_in_json_has_every_field_once() {
     let written = Written::default();
     let subscriber = tracing_subscriber::fmt()
         .json()
-        .with_writer({
-            let written = written.clone();
-            move || written.clone()
-        })
+        .with_writer(written.clone())
         .finish();
     let lines = log_a_timeout(subscriber, &written).await;
     let ours: Vec<_> = lines

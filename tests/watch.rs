@@ -337,16 +337,7 @@ impl Client {
     /// Reads until `needle` has arrived (panics on EOF or after [`SOON`]).
     async fn read_until(&mut self, needle: &[u8]) -> Vec<u8> {
         let mut seen = Vec::new();
-        tokio::time::timeout(SOON, async {
-            let mut buf = [0; 4096];
-            while !seen.windows(needle.len()).any(|window| window == needle) {
-                let n = self.read(&mut buf).await.unwrap();
-                assert!(n > 0, "EOF before {:?}", String::from_utf8_lossy(needle));
-                seen.extend_from_slice(&buf[..n]);
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("no {:?} within {SOON:?}", String::from_utf8_lossy(needle)));
+        common::read_until(self, &mut seen, needle).await;
         seen
     }
 

@@ -534,7 +534,11 @@ pub async fn read_head(stream: &mut TcpStream) -> RawHead {
 }
 
 /// Reads until `seen` holds `needle` (panics on EOF, or after [`SOON`]).
-pub async fn read_until(stream: &mut TcpStream, seen: &mut Vec<u8>, needle: &[u8]) {
+pub async fn read_until(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    seen: &mut Vec<u8>,
+    needle: &[u8],
+) {
     tokio::time::timeout(SOON, async {
         let mut buf = [0; 4096];
         while !seen.windows(needle.len()).any(|w| w == needle) {
@@ -554,4 +558,76 @@ pub async fn read_to_eof(stream: &mut TcpStream, seen: &mut Vec<u8>) {
         .await
         .expect("the server closes the connection")
         .expect("an orderly close (FIN), not a reset");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logs.
+
+/// What a `tracing_subscriber::fmt` layer writes, kept in memory: `.with_writer(written.clone())`.
+#[derive(Clone, Default)]
+pub struct Written(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Written {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Written {
+    type Writer = Written;
+    fn make_writer(&'a self) -> Written {
+        self.clone()
+    }
+}
+
+impl Written {
+    pub fn lines(&self) -> Vec<String> {
+        let bytes = self.0.lock().unwrap().clone();
+        String::from_utf8(bytes)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Waits until `n` lines were written (panics after [`SOON`]).
+    pub async fn wait_lines(&self, n: usize) -> Vec<String> {
+        tokio::time::timeout(SOON, async {
+            while self.lines().len() < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("expected {n} lines, got {:#?}", self.lines()));
+        self.lines()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A gateway's upstream side.
+
+/// An upstream stack as a gateway's: `ConnectTimeoutLayer` (`connect`) around hyper-util's
+/// `HttpConnector`, under `UpstreamFailureLayer` and `ResponseTimeoutLayer` (`head`).
+pub fn gateway_upstream(
+    connect: Duration,
+    head: Duration,
+) -> impl tower::Service<
+    http::Request<axum::body::Body>,
+    Response = http::Response<axum::body::Body>,
+    Error = std::convert::Infallible,
+    Future = impl Send,
+> + Clone {
+    use tower::{Layer, ServiceExt};
+    let connector = tower_timeouts::ConnectTimeoutLayer::new(connect)
+        .layer(hyper_util::client::legacy::connect::HttpConnector::new());
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector);
+    tower::ServiceBuilder::new()
+        .layer(tower_timeouts::UpstreamFailureLayer::new())
+        .layer(tower_timeouts::ResponseTimeoutLayer::new(head))
+        .service(client)
+        .map_response(|response| response.map(axum::body::Body::new))
 }
