@@ -215,7 +215,8 @@ impl<IO> Watched<IO> {
             };
             let ready = match ready {
                 Poll::Ready(Ok(ready)) => ready,
-                Poll::Pending => return false,
+                // Cleared in between: `poll_read_ready` registers the waker this time.
+                Poll::Pending => continue,
                 // The reactor is gone (the runtime shuts down): nothing more to watch for.
                 Poll::Ready(Err(_)) => {
                     self.watch = None;
