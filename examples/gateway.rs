@@ -7,7 +7,9 @@
 //! its method, path and query, headers and body, to UPSTREAM (default `http://127.0.0.1:3000`),
 //! and every request gets a line in the access log (nginx's `combined` format, with the request
 //! time, the outcome and its error type; target `tower_timeouts::access`). Its connections are
-//! watched (`WatchedListener`), so a client that leaves with its body unread is logged 499.
+//! watched (`WatchedListener`), so a client that leaves with its body unread is logged 499. On
+//! Ctrl-C it stops accepting, gives the requests in flight 10 s, then answers those still
+//! running 503 (`Shutdown`).
 //!
 //! The layers, from the socket inwards:
 //!
@@ -60,7 +62,7 @@ use tower_timeouts::access_log::AccessLog;
 use tower_timeouts::watch::{PeerAddr, WatchedListener};
 use tower_timeouts::{
     ClientDisconnectLayer, ConnectTimeout, ConnectTimeoutLayer, PropagateDeadline,
-    PropagateDeadlineLayer, ResponseTimeout, ResponseTimeoutLayer, UpstreamFailure,
+    PropagateDeadlineLayer, ResponseTimeout, ResponseTimeoutLayer, Shutdown, UpstreamFailure,
     UpstreamFailureLayer,
 };
 use tracing_subscriber::EnvFilter;
@@ -71,6 +73,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The gateway's own limit on a request, for a caller that sends no deadline.
 const GATEWAY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the requests in flight may still run once a shutdown begins (Ctrl-C).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// The plain-HTTP header of a caller's deadline, in milliseconds, honoured and passed on.
 const DEADLINE_HEADER: &str = "x-request-timeout-ms";
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1): never forwarded, nor are
@@ -176,7 +180,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// The gateway: every request forwarded to `base`, under the gateway's layers, each outcome
 /// logged.
-fn app(base: Uri) -> Router {
+fn app(base: Uri, shutdown: &Shutdown) -> Router {
     let gateway = Gateway {
         http1: upstream(CONNECT_TIMEOUT, RESPONSE_TIMEOUT, false),
         http2: upstream(CONNECT_TIMEOUT, RESPONSE_TIMEOUT, true),
@@ -185,6 +189,8 @@ fn app(base: Uri) -> Router {
     // One access-log line per request; the crate's own WARN events add one line per failure.
     Router::new().fallback(proxy).with_state(gateway).layer(
         ServiceBuilder::new()
+            // Outermost: a request still running when the shutdown's grace ends gets a 503.
+            .layer(shutdown.layer())
             .layer(ClientDisconnectLayer::new().on_outcome(AccessLog::combined()))
             .layer(
                 ResponseTimeoutLayer::new(GATEWAY_TIMEOUT)
@@ -214,18 +220,31 @@ async fn main() -> Result<(), Box<dyn Error>> {
         connect_timeout = ?CONNECT_TIMEOUT,
         response_timeout = ?RESPONSE_TIMEOUT,
         gateway_timeout = ?GATEWAY_TIMEOUT,
+        shutdown_grace = ?SHUTDOWN_GRACE,
         deadline_header = DEADLINE_HEADER,
         "limits: connecting to the upstream, its response head, a request without a deadline \
-         (shortened by a caller's grpc-timeout or {DEADLINE_HEADER})",
+         (shortened by a caller's grpc-timeout or {DEADLINE_HEADER}), the requests in flight \
+         at a shutdown",
     );
     let listener = WatchedListener::new(listener.tap_io(|tcp| {
         if let Err(error) = tcp.set_nodelay(true) {
             tracing::warn!(%error, "TCP_NODELAY");
         }
     }));
+    // Ctrl-C: no new connections, and the requests in flight get the grace, then a 503.
+    let shutdown = Shutdown::new(SHUTDOWN_GRACE);
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            tracing::info!(grace = ?SHUTDOWN_GRACE, "shutting down");
+            on_signal.begin();
+        }
+    });
     // The client's address, for the access log.
-    let app = app(base).into_make_service_with_connect_info::<PeerAddr>();
-    axum::serve(listener, app).await?;
+    let app = app(base, &shutdown).into_make_service_with_connect_info::<PeerAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.begun())
+        .await?;
     Ok(())
 }
 
@@ -268,7 +287,12 @@ mod tests {
             }),
         ))
         .await;
-        let gateway = serve(app(format!("http://{upstream}").parse().unwrap())).await;
+        let shutdown = Shutdown::new(Duration::from_secs(1));
+        let gateway = serve(app(
+            format!("http://{upstream}").parse().unwrap(),
+            &shutdown,
+        ))
+        .await;
 
         let client = Client::builder(TokioExecutor::new()).build_http::<Body>();
         let request = Request::get(format!("http://{gateway}/"))
